@@ -1,0 +1,5 @@
+import sys
+
+from vlmlab.cli import main
+
+sys.exit(main())
