@@ -1,0 +1,178 @@
+import shutil
+import subprocess
+
+import pytest
+
+from vlmlab import metrics
+from vlmlab.metrics import (
+    JavaNotFoundError,
+    caption_metrics,
+    normalize_answer,
+    vqa_accuracy,
+)
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="caption metrics need Java")
+
+
+# ---------------------------------------------------------------- VQA accuracy
+
+def test_normalize_answer_follows_official_rules():
+    assert normalize_answer("  The Two dogs.\n") == "2 dogs"
+    assert normalize_answer("dont") == "don't"
+    assert normalize_answer("couldnt've") == "couldn't've"
+    assert normalize_answer("somebody'd") == "somebodyd"  # the official table's backwards entry
+    assert normalize_answer("Im") == "im"  # official "Im" key never fires: words are lowercased
+    assert normalize_answer("3.5") == "3.5"  # a period before a digit stays
+    assert normalize_answer("1,000") == "1000"  # digit,digit: punctuation deleted, not spaced
+    assert normalize_answer("black/white") == "black white"  # no space next to it: spaced
+    assert normalize_answer("yes, sir") == "yes sir"  # "," touches a space: deleted
+    assert normalize_answer("none") == "0"
+
+
+def test_identical_answers_are_not_normalised():
+    # All ten references agree, so the official script compares the raw (stripped) strings.
+    assert vqa_accuracy("Two", ["2"] * 10) == 0.0
+    assert vqa_accuracy("yes.", ["yes"] * 10) == 0.0
+    assert vqa_accuracy(" 2\n", ["2"] * 10) == 1.0  # stripping always happens
+
+
+def test_mixed_answers_are_normalised():
+    answers = ["2"] * 4 + ["3"] * 6
+    assert vqa_accuracy("Two", answers) == 1.0
+    answers = ["dog"] * 5 + ["puppy"] * 5
+    assert vqa_accuracy("the dog", answers) == 1.0
+    assert vqa_accuracy("yes.", ["yes"] * 5 + ["no"] * 5) == 1.0
+    assert vqa_accuracy("dont know", ["don't know"] * 5 + ["no"] * 5) == 1.0
+    # The references are normalised too: "The Dog!" and "dog" become the same answer.
+    assert vqa_accuracy("dog", ["The Dog!"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
+
+
+def test_leave_one_out_mean_with_ten_answers():
+    # 3 matches: the 3 matching references see 2 others -> 2/3 each; the other 7 see 3 -> 1.
+    assert vqa_accuracy("red", ["red"] * 3 + ["blue"] * 7) == pytest.approx((3 * 2 / 3 + 7) / 10)
+    assert vqa_accuracy("red", ["red"] * 3 + ["blue"] * 7) == pytest.approx(0.9)
+    # 2 matches: matching ones see 1 other -> 1/3; the other 8 see 2 -> 2/3.
+    assert vqa_accuracy("red", ["red"] * 2 + ["blue"] * 8) == pytest.approx(0.6)
+    # 1 match: only the 9 non-matching references see it, 1/3 each.
+    assert vqa_accuracy("red", ["red"] + ["blue"] * 9) == pytest.approx(0.3)
+    assert vqa_accuracy("red", ["red"] * 4 + ["blue"] * 6) == 1.0
+    assert vqa_accuracy("green", ["red"] * 4 + ["blue"] * 6) == 0.0
+
+
+def test_fewer_references():
+    assert vqa_accuracy("The cat.", ["cat"]) == 1.0  # one reference: match after normalising
+    assert vqa_accuracy("two", ["2"]) == 1.0
+    assert vqa_accuracy("dog", ["cat"]) == 0.0
+    # k=2, threshold 1: the reference that is not "cat" sees one match -> 1, the other 0.
+    assert vqa_accuracy("cat", ["cat", "dog"]) == 0.5
+    assert vqa_accuracy("cat", ["cat", "cat"]) == 1.0
+    # k=3, threshold 2: "cat" refs see 1 match -> 1/2 each; "dog" sees 2 -> 1.
+    assert vqa_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx(2 / 3)
+    # k=4 is already the official threshold 3: each "cat" sees 2 -> 2/3, "dog" sees 3 -> 1.
+    assert vqa_accuracy("cat", ["cat"] * 3 + ["dog"]) == pytest.approx(0.75)
+
+
+def test_empty_answers_raise():
+    with pytest.raises(ValueError):
+        vqa_accuracy("yes", [])
+    with pytest.raises(ValueError):
+        vqa_accuracy("yes", "yes")
+
+
+# ------------------------------------------------------------ caption metrics
+
+REFERENCES = {
+    "a": ["a dog runs across the green grass", "a brown dog running on a lawn",
+          "a dog is playing outside in the grass"],
+    "b": ["a man rides a red bicycle down the street", "a person cycling on a city road",
+          "a cyclist in a red shirt on the street"],
+    "c": ["two cats sleep on a white sofa", "a pair of cats napping on the couch",
+          "two kittens lying on a sofa"],
+    "d": ["a plate of pasta with tomato sauce", "spaghetti with red sauce on a plate",
+          "a dinner plate holding noodles and sauce"],
+}
+
+
+@pytest.fixture(scope="module")
+def identical_scores():
+    return caption_metrics({key: refs[0] for key, refs in REFERENCES.items()}, REFERENCES)
+
+
+@needs_java
+def test_identical_captions_score_high(identical_scores):
+    assert set(identical_scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4",
+                                     "METEOR", "ROUGE-L", "CIDEr"}
+    assert all(type(value) is float for value in identical_scores.values())
+    assert identical_scores["BLEU-4"] == pytest.approx(1.0)
+    assert identical_scores["ROUGE-L"] == pytest.approx(1.0)
+    assert identical_scores["METEOR"] > 0.9
+    assert identical_scores["CIDEr"] > 1.0
+
+
+@needs_java
+def test_unrelated_and_empty_predictions_score_lower(identical_scores):
+    predictions = {
+        "a": "an airplane parked at the airport",
+        "b": "",  # empty: must neither crash nor hang
+        "c": "...",  # only punctuation: empty after tokenisation
+        "d": "a plate of pasta with tomato sauce",
+    }
+    scores = caption_metrics(predictions, REFERENCES)
+    for name, value in scores.items():
+        assert 0.0 <= value < identical_scores[name], name
+
+
+@needs_java
+def test_empty_predictions_become_one_non_matching_word():
+    gts, res = metrics._tokenize({"a": "", "b": " ...!", "c": "A dog."}, {
+        "a": ["a dog"], "b": ["a dog"], "c": ["A dog runs."]})
+    assert res == {"a": [metrics._EMPTY_PREDICTION], "b": [metrics._EMPTY_PREDICTION],
+                   "c": ["a dog"]}
+    assert gts == {"a": ["a dog"], "b": ["a dog"], "c": ["a dog runs"]}
+
+
+@needs_java
+def test_line_breaks_inside_captions_do_not_shift_examples():
+    gts, res = metrics._tokenize({"a": "a dog\rruns", "b": "a cat\u2028sleeps"},
+                                 {"a": ["a dog\r\nruns"], "b": ["a cat\nsleeps"]})
+    assert res == {"a": ["a dog runs"], "b": ["a cat sleeps"]}
+    assert gts == {"a": ["a dog runs"], "b": ["a cat sleeps"]}
+
+
+def test_mismatched_ids_raise():
+    with pytest.raises(ValueError, match="'b'"):
+        caption_metrics({"a": "a dog"}, {"a": ["a dog"], "b": ["a cat"]})
+    with pytest.raises(ValueError, match="'x'"):
+        caption_metrics({"a": "a dog", "x": "a cat"}, {"a": ["a dog"]})
+    with pytest.raises(ValueError):
+        caption_metrics({"a": "a dog"}, {"a": "a dog"})  # references must be a list
+
+
+def test_missing_java_raises_before_any_subprocess(monkeypatch):
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("a subprocess was started")
+
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    with pytest.raises(JavaNotFoundError, match="Java"):
+        caption_metrics({"a": "a dog"}, {"a": ["a dog"]})
+
+
+@needs_java
+def test_meteor_process_is_stopped_even_on_failure(monkeypatch):
+    started = []
+
+    class RecordingMeteor(metrics.Meteor):
+        def __init__(self):
+            super().__init__()
+            started.append(self)
+
+    class FailingCider:
+        def compute_score(self, gts, res):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(metrics, "Meteor", RecordingMeteor)
+    monkeypatch.setattr(metrics, "Cider", FailingCider)
+    with pytest.raises(RuntimeError, match="boom"):
+        caption_metrics({"a": "a dog"}, {"a": ["a dog"]})
+    assert len(started) == 1 and started[0].meteor_p.poll() is not None
