@@ -1,0 +1,116 @@
+"""Connectors: vision features `[B, N, Dv]` -> visual tokens `[B, M, Dl]` in the language model's embedding space.
+
+One contract, four builders in a plain dict:
+- qformer: M learned queries; each layer self-attends over the queries, cross-attends to the image features and
+  applies a feed-forward (BLIP-2's Q-Former, without its text branch), then a linear projection to Dl.
+- perceiver: M learned latents attend to [features; latents] (Flamingo's perceiver resampler), then project.
+- mlp: two-layer GELU MLP per feature (LLaVA-1.5); M = N.
+- linear: one linear map per feature (LLaVA-1); M = N.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmlab.config import ConnectorConfig
+from vlmlab.registry import lookup
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x `[B, M, D]` over context `[B, N, D]` with PyTorch's fused SDPA kernel."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"connector.hidden_size={dim} is not divisible by connector.num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        heads = self.num_heads
+        q = self.query(x).view(batch, length, heads, -1).transpose(1, 2)  # [B, H, M, D/H]
+        k, v = self.key_value(context).view(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(attended.transpose(1, 2).reshape(batch, length, dim))
+
+
+def feed_forward(dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.self_norm, self.cross_norm, self.ff_norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attention = Attention(dim, num_heads, dropout)
+        self.cross_attention = Attention(dim, num_heads, dropout)
+        self.ff = feed_forward(dim, dropout)
+
+    def forward(self, queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        normed = self.self_norm(queries)
+        queries = queries + self.self_attention(normed, normed)
+        queries = queries + self.cross_attention(self.cross_norm(queries), features)
+        return queries + self.ff(self.ff_norm(queries))
+
+
+class PerceiverLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.latent_norm, self.ff_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = Attention(dim, num_heads, dropout)
+        self.ff = feed_forward(dim, dropout)
+
+    def forward(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        normed = self.latent_norm(latents)
+        # Latents attend to the image and to themselves in one softmax: [B, N + M, D] keys.
+        latents = latents + self.attention(normed, torch.cat([features, normed], dim=1))
+        return latents + self.ff(self.ff_norm(latents))
+
+
+class QueryResampler(nn.Module):
+    """M learned queries refined by `layers` against the image features, then projected to the LM width."""
+
+    def __init__(self, layer_class, cfg: ConnectorConfig, vision_dim: int, lm_dim: int):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, dim) * 0.02)  # [M, D]
+        self.feature_proj = nn.Sequential(nn.Linear(vision_dim, dim), nn.LayerNorm(dim))
+        self.layers = nn.ModuleList(layer_class(dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers))
+        self.out_norm = nn.LayerNorm(dim)
+        self.out_proj = nn.Linear(dim, lm_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = self.feature_proj(features)  # [B, N, D]
+        queries = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)  # [B, M, D]
+        for layer in self.layers:
+            queries = layer(queries, features)
+        return self.out_proj(self.out_norm(queries))  # [B, M, Dl]
+
+
+def _qformer(cfg, vision_dim, lm_dim):
+    return QueryResampler(QFormerLayer, cfg, vision_dim, lm_dim)
+
+
+def _perceiver(cfg, vision_dim, lm_dim):
+    return QueryResampler(PerceiverLayer, cfg, vision_dim, lm_dim)
+
+
+def _mlp(cfg, vision_dim, lm_dim):
+    return nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+
+
+def _linear(cfg, vision_dim, lm_dim):
+    return nn.Linear(vision_dim, lm_dim)
+
+
+CONNECTORS = {"qformer": _qformer, "perceiver": _perceiver, "mlp": _mlp, "linear": _linear}
+
+
+def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> nn.Module:
+    return lookup(CONNECTORS, cfg.kind, "connector")(cfg, vision_dim, lm_dim)

@@ -1,0 +1,212 @@
+"""The language part: visual tokens + prompt -> text, with the loss on the answer tokens only.
+
+Two kinds of `transformers` LM sit behind one contract, chosen by the checkpoint's own `is_encoder_decoder` flag:
+- encoder-decoder (T5, Flan-T5): the encoder reads [visual tokens; prompt]; the decoder is trained on the answer.
+- decoder-only (GPT-2, Llama-style): one sequence [visual tokens; prompt; answer], left-padded, the visual tokens
+  as a prefix, the loss only on the answer.
+
+Conditioning is right by construction, whatever the tokenizer: labels are built from each example's lengths,
+never by comparing ids with the pad id, so padding is never trained as EOS even when pad == EOS (GPT-2); EOS is
+appended exactly once to each target; the attention mask covers every visual token and no padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from vlmlab.config import LanguageConfig
+from vlmlab.registry import lookup
+
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+def _tiny_t5(cfg: LanguageConfig, tokenizer) -> nn.Module:
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=cfg.hidden_size,
+            d_kv=cfg.hidden_size // cfg.num_heads,
+            d_ff=4 * cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            feed_forward_proj="gated-gelu",  # Flan-T5's feed-forward
+            # Tied input/output embeddings: T5 then scales the decoder output by d_model**-0.5, which keeps the
+            # first logits of a from-scratch model small (untied, the initial loss is ~60 instead of ~log(vocab)).
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _tiny_gpt2(cfg: LanguageConfig, tokenizer) -> nn.Module:
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_positions=512,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _tiny_llama(cfg: LanguageConfig, tokenizer) -> nn.Module:
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=4 * cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+TINY_FAMILIES = {"t5": _tiny_t5, "gpt2": _tiny_gpt2, "llama": _tiny_llama}
+
+
+def _pad_stack(rows: list[torch.Tensor], pad_value, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks rows of different lengths `[Li, ...]` into `[B, L, ...]` plus a mask `[B, L]` of real positions."""
+    length = max(row.shape[0] for row in rows)
+    stacked = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), pad_value)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for i, row in enumerate(rows):
+        span = slice(length - row.shape[0], length) if left else slice(0, row.shape[0])
+        stacked[i, span] = row
+        mask[i, span] = 1
+    return stacked, mask
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: LanguageConfig):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = cfg.max_prompt_tokens
+        self.max_target_tokens = cfg.max_target_tokens
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.eos_id = tokenizer.eos_token_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    # -- text -> ids -------------------------------------------------------------------------------------------
+    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # T5's encoder was trained on inputs closed by EOS; a causal LM's prompt runs straight into the answer.
+        closing = [self.eos_id] if self.is_encoder_decoder else []
+        return [row[: self.max_prompt_tokens - len(closing)] + closing for row in ids]
+
+    def encode_targets(self, texts: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [row[: self.max_target_tokens - 1] + [self.eos_id] for row in ids]  # EOS exactly once
+
+    # -- sequences ---------------------------------------------------------------------------------------------
+    def _rows(self, visual: torch.Tensor, token_rows: list[list[int]]) -> list[torch.Tensor]:
+        """[visual_i; embed(tokens_i)] per example: `[M + Ti, D]`."""
+        embed = self.model.get_input_embeddings()
+        flat = torch.tensor([t for row in token_rows for t in row], dtype=torch.long, device=visual.device)
+        pieces = embed(flat).split([len(row) for row in token_rows])
+        return [torch.cat([visual[i], piece.to(visual.dtype)]) for i, piece in enumerate(pieces)]
+
+    def _inputs(self, visual: torch.Tensor, token_rows: list[list[int]]) -> dict:
+        """Model inputs for [visual; tokens] rows: right-padded for the encoder, left-padded for a causal LM."""
+        left = not self.is_encoder_decoder
+        embeds, mask = _pad_stack(self._rows(visual, token_rows), 0.0, left=left)
+        inputs = {"inputs_embeds": embeds, "attention_mask": mask}
+        if left:  # positions count real tokens only, as generation counts them
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return inputs
+
+    def training_inputs(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> dict:
+        """The LM's keyword arguments for a training batch, `labels` included; visual `[B, M, D]`."""
+        device = visual.device
+        if self.is_encoder_decoder:
+            labels, _ = _pad_stack([torch.tensor(t, device=device) for t in targets], IGNORE_INDEX, left=False)
+            return {**self._inputs(visual, prompts), "labels": labels}
+        # One sequence per example; labels are the answer ids at the answer positions and IGNORE_INDEX elsewhere.
+        label_rows = [
+            torch.tensor([IGNORE_INDEX] * (visual.shape[1] + len(p)) + t, device=device)
+            for p, t in zip(prompts, targets)
+        ]
+        labels, _ = _pad_stack(label_rows, IGNORE_INDEX, left=True)
+        return {**self._inputs(visual, [p + t for p, t in zip(prompts, targets)]), "labels": labels}
+
+    def loss(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens (EOS included)."""
+        return self.model(**self.training_inputs(visual, prompts, targets)).loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        visual: torch.Tensor,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        num_beams: int = 1,
+    ) -> list[str]:
+        inputs = self._inputs(visual, prompts)
+        inputs.pop("position_ids", None)  # generate derives them from the attention mask
+        ids = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+def load_pretrained(name: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A hub name or local path -> (LM, tokenizer); the LM class follows the checkpoint's own config."""
+    config = AutoConfig.from_pretrained(name)
+    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        # GPT-2 ships no pad token. Reusing EOS is harmless here: labels never come from comparing ids with pad.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model_class.from_pretrained(name), tokenizer
+
+
+def build_language(cfg: LanguageConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:
+    """Loads `cfg.model`, or builds a tiny LM of `cfg.family` around `tokenizer` (trained on the data)."""
+    if cfg.model:
+        model, tokenizer = load_pretrained(cfg.model)
+    else:
+        if tokenizer is None:
+            raise ValueError("a tiny language model needs a tokenizer trained on the data")
+        model = lookup(TINY_FAMILIES, cfg.family, "tiny language family")(cfg, tokenizer)
+    return LanguageModel(model, tokenizer, cfg)

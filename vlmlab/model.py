@@ -1,0 +1,155 @@
+"""`VLM(vision, connector, language)`: composes the three parts; builds, saves and loads them.
+
+A saved model directory holds `config.yaml` (resolved), `vision/` and `language/` (`save_pretrained`, safetensors,
+tokenizer included) and `connector.safetensors`; `VLM.load` rebuilds each part from there by local path, the
+same code that loads hub names.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmlab.config import Config, ConfigError, load_config, save_config
+from vlmlab.connectors import build_connector
+from vlmlab.images import load_image, to_pixels
+from vlmlab.language import LanguageModel, build_language
+from vlmlab.prompts import format_prompt
+from vlmlab.tokenizer import train_tokenizer
+from vlmlab.vision import VisionTower, build_vision
+
+CONFIG_FILE = "config.yaml"
+CONNECTOR_FILE = "connector.safetensors"
+TRAIN_MODES = ("full", "frozen")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class VLM(nn.Module):
+    def __init__(self, vision: VisionTower, connector: nn.Module, language: LanguageModel, config: Config):
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.language = language
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- core --------------------------------------------------------------------------------------------------
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels `[B, 3, S, S]` -> visual tokens `[B, M, Dl]`."""
+        return self.connector(self.vision(pixels.to(self.device)))
+
+    def forward(self, pixels: torch.Tensor, prompts: list[str], targets: list[str],
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss of a batch: mean cross-entropy over the answer tokens.
+
+        `pixels` `[U, 3, S, S]` holds each distinct image once; `image_index` `[B]` picks each example's image
+        (None: one image per example).
+        """
+        visual = self.visual_tokens(pixels)  # [U, M, Dl]
+        if image_index is not None:
+            visual = visual[image_index.to(visual.device)]  # [B, M, Dl]
+        lm = self.language
+        return lm.loss(visual, lm.encode_prompts(prompts), lm.encode_targets(targets))
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int, **options) -> list[str]:
+        lm = self.language
+        return lm.generate(self.visual_tokens(pixels), lm.encode_prompts(prompts), max_new_tokens, **options)
+
+    # -- one image at a time -----------------------------------------------------------------------------------
+    def pixels_of(self, images: Iterable[Image.Image | str | Path]) -> torch.Tensor:
+        return torch.stack([to_pixels(load_image(image), self.vision.image_size) for image in images])
+
+    def ask(self, image: Image.Image | str | Path, question: str) -> str:
+        if not question.strip():
+            raise ValueError("the question is empty")
+        prompt = format_prompt(self.config.data, question)
+        return self.generate(self.pixels_of([image]), [prompt], **self._generation_options(caption=False))[0]
+
+    def caption(self, image: Image.Image | str | Path) -> str:
+        prompt = format_prompt(self.config.data, None)
+        return self.generate(self.pixels_of([image]), [prompt], **self._generation_options(caption=True))[0]
+
+    def _generation_options(self, caption: bool) -> dict:
+        ev = self.config.eval
+        return {
+            "max_new_tokens": ev.caption_max_new_tokens if caption else ev.max_new_tokens,
+            "min_new_tokens": ev.min_new_tokens,
+            "num_beams": ev.num_beams,
+        }
+
+    # -- persistence -------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, directory / CONFIG_FILE)
+        self.vision.save(directory / "vision")
+        self.language.save(directory / "language")
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.connector.state_dict().items()}
+        save_file(state, directory / CONNECTOR_FILE)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "auto") -> VLM:
+        """Loads a saved model: a `model/` directory, or a run directory that holds one."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+            directory = directory / "model"
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{directory}: no saved vlmlab model here (no {CONFIG_FILE})")
+        config = load_config(directory / CONFIG_FILE)
+        parts = copy.deepcopy(config)
+        parts.vision.model = str(directory / "vision")
+        parts.language.model = str(directory / "language")
+        model = build_vlm(parts)
+        model.config = config
+        model.connector.load_state_dict(load_file(directory / CONNECTOR_FILE))
+        return model.to(resolve_device(device)).eval()
+
+
+def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
+    """Builds the three parts; a tiny LM gets a tokenizer trained on `texts` (the training prompts and targets)."""
+    for part in ("vision", "language"):
+        mode = getattr(config, part).train
+        if mode not in TRAIN_MODES:
+            raise ConfigError(f"{part}.train={mode!r} is not allowed; valid: {', '.join(TRAIN_MODES)}")
+    tokenizer = None
+    if not config.language.model:
+        if texts is None:
+            raise ValueError("building a tiny language model needs the training text for its tokenizer")
+        tokenizer = train_tokenizer(texts, config.language.vocab_size)
+    vision = build_vision(config.vision)
+    language = build_language(config.language, tokenizer)
+    connector = build_connector(config.connector, vision.hidden_size, language.hidden_size)
+    model = VLM(vision, connector, language, config)
+    for part in ("vision", "language"):
+        if getattr(config, part).train == "frozen":
+            getattr(model, part).requires_grad_(False)
+    return model
+
+
+def describe_parts(model: VLM) -> list[str]:
+    """One line per part: what it is, how it is trained, and its parameter counts."""
+    rows = []
+    for name, part, mode, kind in (
+        ("vision", model.vision, model.config.vision.train, model.vision.model.config.model_type),
+        ("connector", model.connector, "full", model.config.connector.kind),
+        ("language", model.language, model.config.language.train, model.language.model.config.model_type),
+    ):
+        total = sum(p.numel() for p in part.parameters())
+        trainable = sum(p.numel() for p in part.parameters() if p.requires_grad)
+        rows.append(f"{name:<9} {kind:<20} {mode:<7} {total / 1e6:8.2f}M params, {trainable / 1e6:8.2f}M trainable")
+    return rows

@@ -1,0 +1,83 @@
+"""The conditioning contract: what the LM is trained on, position by position."""
+
+import pytest
+import torch
+
+from vlmlab.config import LanguageConfig
+from vlmlab.language import IGNORE_INDEX, build_language
+from vlmlab.tokenizer import train_tokenizer
+
+TEXTS = ["what color is the circle?", "red", "blue", "a large red circle and a small blue square", "yes", "no"]
+M = 3  # visual tokens
+
+
+def tiny_lm(family: str, pad_is_eos: bool = False):
+    tokenizer = train_tokenizer(TEXTS * 5, vocab_size=300)
+    if pad_is_eos:  # GPT-2's situation: no pad token of its own
+        tokenizer.pad_token = tokenizer.eos_token
+    return build_language(LanguageConfig(family=family, hidden_size=32, num_layers=1, num_heads=2), tokenizer)
+
+
+def batch(lm):
+    prompts = lm.encode_prompts(["Question: what color is the circle? Answer:", "A short caption:"])
+    targets = lm.encode_targets(["red", "a large red circle and a small blue square"])
+    visual = torch.randn(2, M, lm.hidden_size)
+    return visual, prompts, targets
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])
+def test_eos_appended_exactly_once(family):
+    lm = tiny_lm(family)
+    for row in lm.encode_targets(["red", "a large red circle", ""]):
+        assert row[-1] == lm.eos_id and row.count(lm.eos_id) == 1
+
+
+def test_encoder_decoder_labels_and_masks():
+    lm = tiny_lm("t5")
+    visual, prompts, targets = batch(lm)
+    inputs = lm.training_inputs(visual, prompts, targets)
+    labels, mask = inputs["labels"], inputs["attention_mask"]
+    # Labels: each target exactly, then IGNORE_INDEX padding (never the pad id).
+    for i, target in enumerate(targets):
+        assert labels[i, : len(target)].tolist() == target
+        assert (labels[i, len(target):] == IGNORE_INDEX).all()
+    # Encoder mask: every visual token and every prompt token, no padding.
+    for i, prompt in enumerate(prompts):
+        assert mask[i, :M].all() and mask[i].sum() == M + len(prompt)
+    assert inputs["inputs_embeds"].shape[1] == M + max(len(p) for p in prompts)
+
+
+@pytest.mark.parametrize("family,pad_is_eos", [("gpt2", True), ("gpt2", False), ("llama", False)])
+def test_decoder_only_labels_only_on_answers(family, pad_is_eos):
+    lm = tiny_lm(family, pad_is_eos)
+    visual, prompts, targets = batch(lm)
+    inputs = lm.training_inputs(visual, prompts, targets)
+    labels, mask = inputs["labels"], inputs["attention_mask"]
+    length = labels.shape[1]
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        used = M + len(prompt) + len(target)
+        pad = length - used  # left padding
+        assert (labels[i, :pad] == IGNORE_INDEX).all(), "padding is never trained (even when pad == EOS)"
+        assert (labels[i, pad : pad + M + len(prompt)] == IGNORE_INDEX).all(), "visual and prompt are not trained"
+        assert labels[i, pad + M + len(prompt):].tolist() == target
+        assert mask[i, :pad].sum() == 0 and mask[i, pad:].all(), "the mask covers visual tokens, not padding"
+        positions = inputs["position_ids"][i, pad:]
+        assert positions.tolist() == list(range(used))
+    # Exactly one trained EOS per example, whatever the pad id is.
+    assert int((labels == lm.eos_id).sum()) == len(targets)
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_loss_ignores_padding_content(family):
+    """Changing how long the other example is (hence the padding) leaves an example's loss unchanged."""
+    torch.manual_seed(0)
+    lm = tiny_lm(family).eval()
+    visual, prompts, targets = batch(lm)
+    alone = lm.loss(visual[:1], prompts[:1], targets[:1])
+    inputs = lm.training_inputs(visual, prompts, targets)
+    logits = lm.model(**{k: v for k, v in inputs.items() if k != "labels"}, labels=inputs["labels"]).logits
+    shift = 0 if lm.is_encoder_decoder else 1  # causal LMs predict the next position
+    row_logits = logits[0, : logits.shape[1] - shift]
+    row_labels = inputs["labels"][0, shift:]
+    together = torch.nn.functional.cross_entropy(row_logits, row_labels, ignore_index=IGNORE_INDEX)
+    assert torch.allclose(alone, together, atol=1e-5)

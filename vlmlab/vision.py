@@ -1,0 +1,103 @@
+"""The vision part: a `transformers` vision tower that turns images into features `[B, N, Dv]`.
+
+Any tower loads by hub name or local path; CLIP and SigLIP checkpoints (which also carry a text tower) load only
+their vision half. With no name, a tiny tower of the same class is built from scratch for offline work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+from transformers.image_processing_utils import ImageProcessingMixin
+
+from vlmlab.config import VisionConfig
+from vlmlab.registry import lookup
+
+# Tiny towers built from scratch: family -> (config class, model class).
+TINY_FAMILIES = {
+    "clip": (CLIPVisionConfig, CLIPVisionModel),
+    "siglip": (SiglipVisionConfig, SiglipVisionModel),
+}
+# Checkpoints whose model_type names a dual-encoder: load only the vision half of it.
+VISION_HALF_OF = {
+    "clip": CLIPVisionModel,
+    "clip_vision_model": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+}
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+class VisionTower(nn.Module):
+    """uint8 pixels `[B, 3, S, S]` -> features `[B, N, Dv]` taken from hidden state `feature_layer`."""
+
+    def __init__(self, model: nn.Module, feature_layer: int, image_size: int, mean, std):
+        super().__init__()
+        self.model = model
+        self.feature_layer = feature_layer
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        pixel_values = ((pixels.float() / 255.0 - self.mean) / self.std).to(dtype)
+        if self.feature_layer == -1:  # the common case needs no list of every layer's states
+            return self.model(pixel_values=pixel_values).last_hidden_state
+        return self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        preprocessing = ImageProcessingMixin(
+            image_mean=self.mean.flatten().tolist(),
+            image_std=self.std.flatten().tolist(),
+            size={"height": self.image_size, "width": self.image_size},
+        )
+        preprocessing.save_pretrained(directory)
+
+
+def _tiny_tower(cfg: VisionConfig) -> nn.Module:
+    config_class, model_class = lookup(TINY_FAMILIES, cfg.family, "tiny vision family")
+    config = config_class(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    return model_class(config)
+
+
+def _pretrained_tower(name: str) -> tuple[nn.Module, list[float], list[float]]:
+    model_type = AutoConfig.from_pretrained(name).model_type
+    model_class = VISION_HALF_OF.get(model_type, AutoModel)
+    model = model_class.from_pretrained(name)
+    try:
+        processor = ImageProcessingMixin.get_image_processor_dict(name)[0]
+    except OSError:  # a tower saved without preprocessing: the ImageNet statistics most towers were trained on
+        processor = {}
+    return model, processor.get("image_mean", [0.485, 0.456, 0.406]), processor.get("image_std", [0.229, 0.224, 0.225])
+
+
+def build_vision(cfg: VisionConfig) -> VisionTower:
+    if cfg.model:
+        model, mean, std = _pretrained_tower(cfg.model)
+        image_size = model.config.image_size
+    else:
+        model, mean, std, image_size = _tiny_tower(cfg), [0.5] * 3, [0.5] * 3, cfg.image_size
+    return VisionTower(model, cfg.feature_layer, image_size, mean, std)
