@@ -1,0 +1,153 @@
+"""The `vlmlab` command: train, eval, ask, caption, presets.
+
+Every error a user can cause (a bad config key, a missing file, a broken image) ends as one line on stderr and a
+non-zero exit; `caption` goes on past a bad image and exits 1 when any image failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG_TRAIN = """examples:
+  vlmlab train --out runs/default                      # the offline default: synthetic world, CPU, minutes
+  vlmlab train --out runs/gpt2 --preset tiny-gpt2 train.max_steps=500
+  vlmlab train --out runs/mine data.train=train.jsonl data.eval=val.jsonl
+  vlmlab train --out runs/default --resume             # continue the last checkpoint in runs/default
+
+overrides are section.field=value with sections vision, connector, language, data, train, eval;
+a wrong key is answered with the list of valid ones."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmlab",
+        description="Build a small vision-language model from parts, train it, and measure whether it uses the image.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a VLM (default: the offline synthetic-world recipe on CPU)",
+                                epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--out", required=True, type=Path, help="run directory (config, checkpoints, model, metrics)")
+    train.add_argument("--preset", default=None, help="named preset (see `vlmlab presets`); default: default")
+    train.add_argument("--config", type=Path, help="YAML file of sections and fields, applied over the preset")
+    train.add_argument("--resume", action="store_true", help="continue the last checkpoint in --out")
+    train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained model; prints metrics JSON")
+    evaluate.add_argument("--model", required=True, type=Path, help="run or model directory")
+    evaluate.add_argument("--data", help="dataset name or JSONL path (default: the model's eval data)")
+    evaluate.add_argument("--out", type=Path, help="also write the metrics JSON here")
+    evaluate.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. eval.max_examples=200")
+
+    ask = commands.add_parser("ask", help="answer a question about an image")
+    ask.add_argument("--model", required=True, type=Path, help="run or model directory")
+    ask.add_argument("image", help="image file")
+    ask.add_argument("question", help="the question")
+
+    caption = commands.add_parser("caption", help="caption images; one JSON line per image")
+    caption.add_argument("--model", required=True, type=Path, help="run or model directory")
+    caption.add_argument("images", nargs="+", help="image files")
+
+    commands.add_parser("presets", help="list the presets")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _train(args) -> int:
+    from vlmlab.config import apply_overrides, merge_config_file
+    from vlmlab.presets import get_preset
+    from vlmlab.train import train
+
+    if args.resume:
+        if args.preset or args.config or args.overrides:
+            raise ValueError("--resume continues the run as it was configured: drop --preset, --config and overrides")
+        train(None, args.out, resume=True)
+        return 0
+    cfg = get_preset(args.preset or "default")
+    if args.config:
+        cfg = merge_config_file(args.config, base=cfg)
+    apply_overrides(cfg, args.overrides)
+    train(cfg, args.out)
+    return 0
+
+
+def _eval(args) -> int:
+    from vlmlab.config import apply_overrides
+    from vlmlab.data import load_examples
+    from vlmlab.evaluate import evaluate, summary_lines
+    from vlmlab.model import VLM
+
+    model = VLM.load(args.model)
+    cfg = apply_overrides(model.config, args.overrides)
+    spec = args.data or cfg.data.eval
+    metrics, _ = evaluate(model, load_examples(spec, cfg.eval.split, cfg.data), cfg)
+    metrics["data"] = spec
+    for line in summary_lines(metrics):
+        print(line, file=sys.stderr)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _ask(args) -> int:
+    from vlmlab.model import VLM
+
+    print(VLM.load(args.model).ask(args.image, args.question))
+    return 0
+
+
+def _caption(args) -> int:
+    from vlmlab.images import ImageError
+    from vlmlab.model import VLM
+
+    model = VLM.load(args.model)
+    failed = 0
+    for image in args.images:  # one at a time: a broken file costs only its own line
+        try:
+            print(json.dumps({"image": image, "caption": model.caption(image)}), flush=True)
+        except ImageError as err:
+            failed += 1
+            print(json.dumps({"image": image, "error": str(err)}), flush=True)
+    return 1 if failed else 0
+
+
+def _presets(args) -> int:
+    from vlmlab.presets import describe_presets
+
+    print("\n".join(describe_presets()))
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "ask": _ask, "caption": _caption, "presets": _presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    from vlmlab.config import ConfigError
+    from vlmlab.data.jsonl import DatasetError
+    from vlmlab.images import ImageError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DatasetError, ImageError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""From examples to batches: pixels cached per image, prompts and targets as text, a resumable sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from vlmlab.config import DataConfig
+from vlmlab.data.example import Example
+from vlmlab.images import ImageError, load_image, to_pixels
+from vlmlab.log import warn
+from vlmlab.prompts import format_prompt
+
+
+class ExampleDataset(Dataset):
+    """Items are (pixels uint8 `[3, S, S]`, prompt, target, example); an unusable image gives None.
+
+    Pixels are cached per image id: each image of the synthetic world carries ~3 questions and a caption, and
+    decoding + resizing it once instead of every epoch is most of the data loading time on a CPU.
+    """
+
+    def __init__(self, examples: list[Example], data: DataConfig, image_size: int):
+        self.examples = examples
+        self.data = data
+        self.image_size = image_size
+        self._pixels: dict[str, torch.Tensor] = {}
+        self.failed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def pixels(self, example: Example) -> torch.Tensor | None:
+        key = example.image_id or str(id(example.image))
+        if key not in self._pixels and key not in self.failed:
+            try:
+                self._pixels[key] = to_pixels(load_image(example.image), self.image_size)
+            except ImageError as err:
+                self.failed.add(key)
+                warn(f"image skipped: {err}")
+        return self._pixels.get(key)
+
+    def __getitem__(self, index: int):
+        example = self.examples[index]
+        pixels = self.pixels(example)
+        if pixels is None:
+            return None
+        return pixels, format_prompt(self.data, example.question), example.target, example
+
+
+def collate(items: list) -> dict | None:
+    """Stacks the usable items of a batch; None when none is usable (the caller skips the batch).
+
+    Each distinct image is stacked once: `pixels` is `[U, 3, S, S]` and `image_index` `[B]` says which of them
+    each example shows, so the vision tower and connector run once per image, not once per question.
+    """
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    slots: dict[str, int] = {}
+    pixels, image_index = [], []
+    for item_pixels, _, _, example in items:
+        key = example.image_id or str(id(example.image))
+        if key not in slots:
+            slots[key] = len(pixels)
+            pixels.append(item_pixels)
+        image_index.append(slots[key])
+    return {
+        "pixels": torch.stack(pixels),
+        "image_index": torch.tensor(image_index),
+        "prompts": [item[1] for item in items],
+        "targets": [item[2] for item in items],
+        "examples": [item[3] for item in items],
+    }
+
+
+def image_groups(examples: list[Example]) -> list[list[int]]:
+    """Indices of the examples of each image, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(example.image_id or str(id(example.image)), []).append(index)
+    return list(groups.values())
+
+
+class StepBatches:
+    """Endless batches of example indices that keep each image's examples together.
+
+    Each epoch visits the images in a fresh order fixed by (seed, epoch) and fills a batch with whole images
+    until it holds `batch_size` examples. Starting at `start_step` yields exactly the batches an uninterrupted
+    run would have seen from there on, which is what makes `--resume` continue the same data order.
+    """
+
+    def __init__(self, groups: list[list[int]], batch_size: int, seed: int, start_step: int = 0):
+        if not groups:
+            raise ValueError("no training examples")
+        self.groups = groups
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        batches, batch = [], []
+        for group in order.tolist():
+            batch.extend(self.groups[group])
+            if len(batch) >= self.batch_size:
+                batches.append(batch)
+                batch = []
+        return batches or [batch]  # the ragged tail is dropped unless it is all there is
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = 0, self.start_step
+        while True:
+            batches = self._epoch(epoch)
+            if skip >= len(batches):
+                skip -= len(batches)
+            else:
+                yield from batches[skip:]
+                skip = 0
+            epoch += 1

@@ -1,0 +1,157 @@
+"""Evaluation: answers and captions for an eval set, scored, beside the same run with shuffled images.
+
+The shuffled-image control asks every question again with the image swapped for another image of the set
+(a fixed derangement of the image ids, so no example keeps its own image). A model that uses the image loses
+accuracy there; one that answers from the question alone scores the same on both.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmlab.config import Config
+from vlmlab.data.batching import ExampleDataset
+from vlmlab.data.example import Example
+from vlmlab.log import warn
+from vlmlab.metrics import JavaNotFoundError, caption_metrics, vqa_accuracy
+from vlmlab.prompts import format_prompt
+
+
+def derangement(image_ids: list[str], seed: int) -> dict[str, str]:
+    """Maps each distinct image id to a different one: a random order, each id sent to the next in a cycle."""
+    ids = sorted(set(image_ids))
+    if len(ids) < 2:
+        return {}
+    random.Random(seed).shuffle(ids)
+    return {ids[i]: ids[(i + 1) % len(ids)] for i in range(len(ids))}
+
+
+def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config, swap: dict | None = None,
+            desc: str = "eval") -> list[str]:
+    """Generated text for each example (None where its image is unusable); `swap` replaces image ids."""
+    usable = {}  # image id -> pixels, looked up once
+    by_id = {example.image_id: example for example in dataset.examples}
+    outputs: list[str | None] = [None] * len(examples)
+    groups = defaultdict(list)  # captions and answers differ in length budget: generate them apart
+    for index, example in enumerate(examples):
+        groups[example.is_caption].append(index)
+    ev = cfg.eval
+    bar = tqdm(total=len(examples), desc=desc, leave=False, disable=None)
+    for is_caption, indices in groups.items():
+        for start in range(0, len(indices), ev.batch_size):
+            chunk, pixels, prompts = [], [], []
+            for index in indices[start : start + ev.batch_size]:
+                example = examples[index]
+                image_id = swap.get(example.image_id, example.image_id) if swap else example.image_id
+                if image_id not in usable:
+                    usable[image_id] = dataset.pixels(by_id.get(image_id, example))
+                if usable[image_id] is not None:
+                    chunk.append(index)
+                    pixels.append(usable[image_id])
+                    prompts.append(format_prompt(cfg.data, example.question))
+            if chunk:
+                texts = model.generate(
+                    torch.stack(pixels),
+                    prompts,
+                    max_new_tokens=ev.caption_max_new_tokens if is_caption else ev.max_new_tokens,
+                    min_new_tokens=ev.min_new_tokens,
+                    num_beams=ev.num_beams,
+                )
+                for index, text in zip(chunk, texts):
+                    outputs[index] = text
+            bar.update(len(indices[start : start + ev.batch_size]))
+    bar.close()
+    return outputs
+
+
+def score(examples: list[Example], outputs: list[str | None], with_captions: bool) -> dict:
+    """VQA accuracy overall and per question type, caption metrics, and the share of empty outputs."""
+    per_type = defaultdict(list)
+    captions, references = {}, {}
+    answered = [(e, o) for e, o in zip(examples, outputs) if o is not None]
+    for example, output in answered:
+        if example.is_caption:
+            captions[example.example_id] = output
+            references[example.example_id] = example.answers
+        else:
+            per_type[example.question_type].append(vqa_accuracy(output, example.answers))
+    scores = [s for values in per_type.values() for s in values]
+    result = {
+        "vqa_accuracy": sum(scores) / len(scores) if scores else None,
+        "vqa_accuracy_by_type": {kind: sum(v) / len(v) for kind, v in sorted(per_type.items())},
+        "empty_output_rate": sum(not o for _, o in answered) / len(answered) if answered else None,
+        "caption": None,
+    }
+    if captions and with_captions:
+        try:
+            result["caption"] = caption_metrics(captions, references)
+        except JavaNotFoundError as err:
+            warn(f"caption metrics skipped: {err}")
+    return result
+
+
+def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[dict]]:
+    """Returns (metrics, predictions): metrics as in metrics.json, one prediction record per example."""
+    ev = cfg.eval
+    if ev.max_examples:
+        examples = examples[: ev.max_examples]
+    dataset = ExampleDataset(examples, cfg.data, model.vision.image_size)
+    was_training = model.training
+    model.eval()
+    outputs = predict(model, dataset, examples, cfg)
+    real = score(examples, outputs, ev.caption_metrics)
+    metrics = {
+        "vqa_accuracy": real["vqa_accuracy"],
+        "vqa_accuracy_by_type": real["vqa_accuracy_by_type"],
+        "caption": real["caption"],
+        "empty_output_rate": real["empty_output_rate"],
+    }
+    records = [
+        {"id": e.example_id, "image_id": e.image_id, "question": e.question, "type": e.question_type,
+         "prediction": o, "answers": e.answers}
+        for e, o in zip(examples, outputs)
+    ]
+    if ev.shuffled_control:
+        swap = derangement([e.image_id for e in examples], seed=cfg.train.seed)
+        shuffled_outputs = predict(model, dataset, examples, cfg, swap=swap, desc="eval, shuffled images")
+        shuffled = score(examples, shuffled_outputs, ev.caption_metrics)
+        metrics["vqa_accuracy_shuffled_images"] = shuffled["vqa_accuracy"]
+        metrics["vqa_accuracy_by_type_shuffled_images"] = shuffled["vqa_accuracy_by_type"]
+        metrics["caption_shuffled_images"] = shuffled["caption"]
+        for record, output in zip(records, shuffled_outputs):
+            record["prediction_shuffled_images"] = output
+    metrics["num_eval_examples"] = sum(o is not None for o in outputs)
+    metrics["num_vqa_examples"] = sum(not e.is_caption for e, o in zip(examples, outputs) if o is not None)
+    metrics["num_caption_examples"] = sum(e.is_caption for e, o in zip(examples, outputs) if o is not None)
+    metrics["failed_images"] = len(dataset.failed)
+    model.train(was_training)
+    return metrics, records
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """A few lines a person reads after a run: each score beside its shuffled-image control."""
+
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    lines = [
+        f"VQA accuracy        {pct(metrics.get('vqa_accuracy'))}   "
+        f"(shuffled images: {pct(metrics.get('vqa_accuracy_shuffled_images'))})"
+    ]
+    shuffled_by_type = metrics.get("vqa_accuracy_by_type_shuffled_images", {})
+    for kind, value in metrics.get("vqa_accuracy_by_type", {}).items():
+        lines.append(f"  {kind:<17} {pct(value)}   (shuffled images: {pct(shuffled_by_type.get(kind))})")
+    caption, shuffled_caption = metrics.get("caption"), metrics.get("caption_shuffled_images") or {}
+    if caption:
+        lines.append(
+            "captions            "
+            + "  ".join(f"{k} {v:.3f}" for k, v in caption.items() if k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))
+        )
+        if shuffled_caption:
+            lines.append(f"  shuffled images   CIDEr {shuffled_caption['CIDEr']:.3f}")
+    lines.append(f"empty outputs       {pct(metrics.get('empty_output_rate'))} of {metrics.get('num_eval_examples')}")
+    return lines

@@ -1,0 +1,216 @@
+"""Training: AdamW with warmup + cosine decay, gradient accumulation and clipping, mixed precision on GPU,
+periodic evaluation with the shuffled-image control, checkpoints that `--resume` continues exactly.
+
+A run directory holds `config.yaml`, `train_log.jsonl`, `checkpoint/` (the latest resumable state),
+`model/` (the final model), `metrics.json` and `predictions.jsonl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from vlmlab.config import Config, save_config
+from vlmlab.data import load_examples
+from vlmlab.data.batching import ExampleDataset, StepBatches, collate, image_groups
+from vlmlab.evaluate import evaluate, summary_lines
+from vlmlab.log import info, warn
+from vlmlab.model import VLM, build_vlm, describe_parts, resolve_device
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states in types `torch.load(weights_only=True)` accepts (no ndarrays)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. `auto`: bf16 where the GPU has it, else fp16; fp32 on CPU."""
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return None
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def training_texts(examples) -> list[str]:
+    """What a tokenizer trained from scratch must cover: every prompt and every reference."""
+    texts = [e.question for e in examples if e.question]
+    texts += [answer for e in examples for answer in e.answers]
+    return texts
+
+
+def make_optimizer(model: VLM, cfg: Config) -> torch.optim.Optimizer:
+    # No weight decay on biases, norms and learned query vectors' 1-d parameters.
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = model.device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98), fused=fused)
+
+
+def save_checkpoint(out_dir: Path, model: VLM, optimizer, scheduler, scaler, step: int) -> None:
+    """Writes the resumable state into a temporary folder, then swaps it in: a kill never leaves half of one."""
+    final = out_dir / CHECKPOINT_DIR
+    partial = out_dir / f"{CHECKPOINT_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save(partial / "model")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+    }
+    torch.save(state, partial / STATE_FILE)
+    old = out_dir / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out_dir: Path, device: torch.device) -> tuple[VLM, dict]:
+    folder = out_dir / CHECKPOINT_DIR
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{out_dir}: nothing to resume (no {CHECKPOINT_DIR}/{STATE_FILE})")
+    model = VLM.load(folder / "model", device=str(device)).train()
+    state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+    return model, state
+
+
+def append_log(path: Path, record: dict) -> None:
+    with path.open("a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+
+    train_examples = load_examples(cfg.data.train, "train", cfg.data)
+    val_examples = load_examples(cfg.data.eval, "val", cfg.data)
+    if resume:
+        model, state = load_checkpoint(out_dir, device)
+        cfg = model.config
+    else:
+        model, state = build_vlm(cfg, training_texts(train_examples)).to(device), None
+        save_config(cfg, out_dir / "config.yaml")
+        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+    tc = cfg.train
+    for line in describe_parts(model):
+        info(line)
+
+    amp_dtype = resolve_precision(tc.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        info(f"resuming at step {start_step} of {tc.max_steps}")
+
+    dataset = ExampleDataset(train_examples, cfg.data, model.vision.image_size)
+    micro_batch = tc.batch_size // tc.grad_accum
+    sampler = StepBatches(image_groups(train_examples), micro_batch, tc.seed, start_step=start_step * tc.grad_accum)
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers,
+                             pin_memory=device.type == "cuda"))
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext())
+    val_cfg = copy.deepcopy(cfg)
+    val_cfg.eval.max_examples, val_cfg.eval.caption_metrics = tc.eval_examples, False
+
+    log_path = out_dir / "train_log.jsonl"
+    model.train()
+    started, samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    bar = tqdm(range(start_step, tc.max_steps), initial=start_step, total=tc.max_steps, desc="train", disable=None)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(tc.grad_accum):
+            batch = next(loader)
+            while batch is None:  # every image of this micro-batch was unusable (already reported)
+                batch = next(loader)
+            with autocast:
+                loss = model(batch["pixels"], batch["prompts"], batch["targets"], batch["image_index"]) / tc.grad_accum
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+            samples += len(batch["prompts"])
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+            warn(f"step {step + 1}: non-finite loss or gradient, update skipped")
+        scaler.step(optimizer)  # the scaler skips the update itself when gradients are not finite
+        scaler.update()
+        scheduler.step()
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        done = step + 1
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{samples / elapsed:.0f}")
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            append_log(log_path, {"step": done, "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+                                  "grad_norm": float(grad_norm), "samples_per_second": samples / elapsed,
+                                  "elapsed_seconds": elapsed})
+            window_loss, window_steps = 0.0, 0
+        if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
+            metrics, _ = evaluate(model, val_examples, val_cfg)
+            append_log(log_path, {"step": done, "eval": metrics})
+            info(f"step {done}: val VQA accuracy {metrics['vqa_accuracy']}, "
+                 f"shuffled images {metrics.get('vqa_accuracy_shuffled_images')}")
+        if tc.save_every and done % tc.save_every == 0 and done < tc.max_steps:
+            save_checkpoint(out_dir, model, optimizer, scheduler, scaler, done)
+    bar.close()
+    train_seconds = time.perf_counter() - started
+
+    save_checkpoint(out_dir, model, optimizer, scheduler, scaler, tc.max_steps)
+    model.save(out_dir / "model")
+    test_examples = load_examples(cfg.data.eval, cfg.eval.split, cfg.data)
+    metrics, records = evaluate(model, test_examples, cfg)
+    metrics["train_seconds"] = train_seconds
+    metrics["train_samples_per_second"] = samples / train_seconds if train_seconds > 0 else None
+    metrics["train_steps"] = tc.max_steps
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with (out_dir / "predictions.jsonl").open("w") as out:
+        out.writelines(json.dumps(record) + "\n" for record in records)
+    for line in summary_lines(metrics):
+        print(line)
+    print(f"model, metrics and log written to {out_dir}")
+    return metrics
