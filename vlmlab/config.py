@@ -22,14 +22,14 @@ class ConfigError(ValueError):
 @dataclass
 class VisionConfig:
     model: str = ""  # hub name or local path; "" builds a tiny tower of `family` from scratch
-    family: str = "clip"  # tiny tower's transformers family: clip | siglip
+    family: str = "clip"  # tiny tower's transformers family: clip | siglip | resnet
     train: str = "full"  # full | frozen
     feature_layer: int = -1  # index into the tower's hidden states; -2 is the usual LLaVA choice
-    image_size: int = 64  # tiny tower only; a pretrained tower brings its own
-    patch_size: int = 8
-    hidden_size: int = 128
-    num_layers: int = 3
-    num_heads: int = 4
+    image_size: int = 64  # tiny tower, or a pretrained tower whose config names no size (convnets)
+    patch_size: int = 8  # tiny ViT only
+    hidden_size: int = 128  # tiny tower: ViT width, or a ResNet's last stage width
+    num_layers: int = 3  # tiny tower: ViT layers or ResNet stages
+    num_heads: int = 4  # tiny ViT only
 
 
 @dataclass
@@ -70,7 +70,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1500
+    max_steps: int = 1000
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 2e-3
@@ -82,7 +82,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
     log_every: int = 25
-    eval_every: int = 500  # 0: no evaluation during training
+    eval_every: int = 250  # 0: no evaluation during training
     eval_examples: int = 256  # size of the validation sample used during training
     save_every: int = 500  # 0: save only at the end
 

@@ -74,43 +74,49 @@ class PerceiverLayer(nn.Module):
 
 
 class QueryResampler(nn.Module):
-    """M learned queries refined by `layers` against the image features, then projected to the LM width."""
+    """M learned queries refined by `layers` against the image features, then projected to the LM width.
 
-    def __init__(self, layer_class, cfg: ConnectorConfig, vision_dim: int, lm_dim: int):
+    Each of the N feature positions gets a learned embedding: attention alone is blind to order, and a
+    convolutional tower's features carry no position of their own (a ViT's do; there it is a harmless extra).
+    """
+
+    def __init__(self, layer_class, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int):
         super().__init__()
         dim = cfg.hidden_size
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, dim) * 0.02)  # [M, D]
+        self.positions = nn.Parameter(torch.zeros(num_features, dim))  # [N, D]
         self.feature_proj = nn.Sequential(nn.Linear(vision_dim, dim), nn.LayerNorm(dim))
         self.layers = nn.ModuleList(layer_class(dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers))
         self.out_norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, lm_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = self.feature_proj(features)  # [B, N, D]
+        features = self.feature_proj(features) + self.positions  # [B, N, D]
         queries = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)  # [B, M, D]
         for layer in self.layers:
             queries = layer(queries, features)
         return self.out_proj(self.out_norm(queries))  # [B, M, Dl]
 
 
-def _qformer(cfg, vision_dim, lm_dim):
-    return QueryResampler(QFormerLayer, cfg, vision_dim, lm_dim)
+def _qformer(cfg, vision_dim, lm_dim, num_features):
+    return QueryResampler(QFormerLayer, cfg, vision_dim, lm_dim, num_features)
 
 
-def _perceiver(cfg, vision_dim, lm_dim):
-    return QueryResampler(PerceiverLayer, cfg, vision_dim, lm_dim)
+def _perceiver(cfg, vision_dim, lm_dim, num_features):
+    return QueryResampler(PerceiverLayer, cfg, vision_dim, lm_dim, num_features)
 
 
-def _mlp(cfg, vision_dim, lm_dim):
+def _mlp(cfg, vision_dim, lm_dim, num_features):
     return nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
 
 
-def _linear(cfg, vision_dim, lm_dim):
+def _linear(cfg, vision_dim, lm_dim, num_features):
     return nn.Linear(vision_dim, lm_dim)
 
 
 CONNECTORS = {"qformer": _qformer, "perceiver": _perceiver, "mlp": _mlp, "linear": _linear}
 
 
-def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> nn.Module:
-    return lookup(CONNECTORS, cfg.kind, "connector")(cfg, vision_dim, lm_dim)
+def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int) -> nn.Module:
+    """A connector for `num_features` vision features of width `vision_dim`, emitting tokens of width `lm_dim`."""
+    return lookup(CONNECTORS, cfg.kind, "connector")(cfg, vision_dim, lm_dim, num_features)

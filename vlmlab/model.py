@@ -106,7 +106,7 @@ class VLM(nn.Module):
     def load(cls, directory: str | Path, device: str = "auto") -> VLM:
         """Loads a saved model: a `model/` directory, or a run directory that holds one."""
         directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        if (directory / "model" / CONFIG_FILE).is_file():  # a run directory (it has a config.yaml of its own)
             directory = directory / "model"
         if not (directory / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{directory}: no saved vlmlab model here (no {CONFIG_FILE})")
@@ -133,7 +133,8 @@ def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
         tokenizer = train_tokenizer(texts, config.language.vocab_size)
     vision = build_vision(config.vision)
     language = build_language(config.language, tokenizer)
-    connector = build_connector(config.connector, vision.hidden_size, language.hidden_size)
+    num_features, vision_dim = vision.output_shape()
+    connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features)
     model = VLM(vision, connector, language, config)
     for part in ("vision", "language"):
         if getattr(config, part).train == "frozen":

@@ -15,6 +15,8 @@ from transformers import (
     AutoModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    ResNetConfig,
+    ResNetModel,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -23,10 +25,36 @@ from transformers.image_processing_utils import ImageProcessingMixin
 from vlmlab.config import VisionConfig
 from vlmlab.registry import lookup
 
-# Tiny towers built from scratch: family -> (config class, model class).
+def _tiny_vit(config_class, model_class):
+    def build(cfg: VisionConfig) -> nn.Module:
+        return model_class(
+            config_class(
+                hidden_size=cfg.hidden_size,
+                intermediate_size=4 * cfg.hidden_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                image_size=cfg.image_size,
+                patch_size=cfg.patch_size,
+            )
+        )
+
+    return build
+
+
+def _tiny_resnet(cfg: VisionConfig) -> nn.Module:
+    # Stem (stride 4), then `num_layers` stages of basic blocks, each after the first halving the map and
+    # doubling the width up to hidden_size: 64 px, 2 stages -> an 8 x 8 map, 64 features.
+    widths = [max(cfg.hidden_size >> (cfg.num_layers - 1 - i), 8) for i in range(cfg.num_layers)]
+    config = ResNetConfig(embedding_size=widths[0], hidden_sizes=widths, depths=[1] * cfg.num_layers,
+                          layer_type="basic", image_size=cfg.image_size)
+    return ResNetModel(config)
+
+
+# Tiny towers built from scratch with the same transformers classes as the pretrained ones.
 TINY_FAMILIES = {
-    "clip": (CLIPVisionConfig, CLIPVisionModel),
-    "siglip": (SiglipVisionConfig, SiglipVisionModel),
+    "clip": _tiny_vit(CLIPVisionConfig, CLIPVisionModel),
+    "siglip": _tiny_vit(SiglipVisionConfig, SiglipVisionModel),
+    "resnet": _tiny_resnet,
 }
 # Checkpoints whose model_type names a dual-encoder: load only the vision half of it.
 VISION_HALF_OF = {
@@ -39,7 +67,10 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 class VisionTower(nn.Module):
-    """uint8 pixels `[B, 3, S, S]` -> features `[B, N, Dv]` taken from hidden state `feature_layer`."""
+    """uint8 pixels `[B, 3, S, S]` -> features `[B, N, Dv]` taken from hidden state `feature_layer`.
+
+    A convolutional tower's map `[B, C, H, W]` is read as H * W features of width C (row by row).
+    """
 
     def __init__(self, model: nn.Module, feature_layer: int, image_size: int, mean, std):
         super().__init__()
@@ -49,16 +80,23 @@ class VisionTower(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+    @torch.no_grad()
+    def output_shape(self) -> tuple[int, int]:
+        """(N, Dv) of this tower's features, read off one blank image (towers name their widths differently)."""
+        blank = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8, device=self.mean.device)
+        _, length, width = self(blank).shape
+        return length, width
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
         pixel_values = ((pixels.float() / 255.0 - self.mean) / self.std).to(dtype)
         if self.feature_layer == -1:  # the common case needs no list of every layer's states
-            return self.model(pixel_values=pixel_values).last_hidden_state
-        return self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+            features = self.model(pixel_values=pixel_values).last_hidden_state
+        else:
+            features = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+        if features.ndim == 4:  # [B, C, H, W] -> [B, H * W, C]
+            features = features.flatten(2).transpose(1, 2)
+        return features
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
@@ -68,19 +106,6 @@ class VisionTower(nn.Module):
             size={"height": self.image_size, "width": self.image_size},
         )
         preprocessing.save_pretrained(directory)
-
-
-def _tiny_tower(cfg: VisionConfig) -> nn.Module:
-    config_class, model_class = lookup(TINY_FAMILIES, cfg.family, "tiny vision family")
-    config = config_class(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=4 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-    )
-    return model_class(config)
 
 
 def _pretrained_tower(name: str) -> tuple[nn.Module, list[float], list[float]]:
@@ -97,7 +122,8 @@ def _pretrained_tower(name: str) -> tuple[nn.Module, list[float], list[float]]:
 def build_vision(cfg: VisionConfig) -> VisionTower:
     if cfg.model:
         model, mean, std = _pretrained_tower(cfg.model)
-        image_size = model.config.image_size
+        image_size = getattr(model.config, "image_size", None) or cfg.image_size
     else:
-        model, mean, std, image_size = _tiny_tower(cfg), [0.5] * 3, [0.5] * 3, cfg.image_size
+        model = lookup(TINY_FAMILIES, cfg.family, "tiny vision family")(cfg)
+        mean, std, image_size = [0.5] * 3, [0.5] * 3, cfg.image_size
     return VisionTower(model, cfg.feature_layer, image_size, mean, std)

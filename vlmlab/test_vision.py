@@ -1,0 +1,56 @@
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from vlmlab.config import ConfigError, VisionConfig
+from vlmlab.vision import TINY_FAMILIES, build_vision
+
+TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2)
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_tiny_towers_give_b_n_dv_and_reload_by_path(family, tmp_path):
+    tower = build_vision(VisionConfig(family=family, **TINY)).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    features = tower(pixels)
+    assert features.ndim == 3 and features.shape[0] == 2
+    assert tower.output_shape() == tuple(features.shape[1:])
+    tower.save(tmp_path / "tower")
+    loaded = build_vision(VisionConfig(model=str(tmp_path / "tower"), **TINY)).eval()
+    assert torch.equal(loaded.mean, tower.mean) and loaded.image_size == 32
+    assert torch.allclose(loaded(pixels), features, atol=1e-6)
+
+
+def test_convolutional_maps_are_read_row_by_row():
+    tower = build_vision(VisionConfig(family="resnet", image_size=64, hidden_size=32, num_layers=2)).eval()
+    pixels = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    grid = tower.model(pixel_values=(pixels.float() / 255 - 0.5) / 0.5).last_hidden_state  # [1, C, 8, 8]
+    features = tower(pixels)
+    assert features.shape == (1, 64, 32)
+    assert torch.allclose(features[0, 9], grid[0, :, 1, 1])  # row 1, column 1
+
+
+def test_feature_layer_picks_a_hidden_state():
+    tower = build_vision(VisionConfig(feature_layer=-2, **TINY))
+    pixels = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    states = tower.model(pixel_values=(pixels.float() / 255 - 0.5) / 0.5, output_hidden_states=True).hidden_states
+    assert torch.equal(tower(pixels), states[-2])
+
+
+def test_a_dual_encoder_checkpoint_loads_only_its_vision_half(tmp_path):
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    tower = build_vision(VisionConfig(model=str(tmp_path / "clip")))
+    assert type(tower.model).__name__ == "CLIPVisionModel" and tower.image_size == 32
+    assert tower.output_shape() == (17, 16)  # 16 patches + CLS
+    assert tower.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])  # no preprocessor saved
+
+
+def test_unknown_family_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="clip, siglip, resnet"):
+        build_vision(VisionConfig(family="vit"))
