@@ -45,6 +45,7 @@ def _tiny_t5(cfg: LanguageConfig, tokenizer) -> nn.Module:
             d_ff=4 * cfg.hidden_size,
             num_layers=cfg.num_layers,
             num_heads=cfg.num_heads,
+            dropout_rate=0.0,  # a tiny model trained from scratch underfits; dropout only slows it
             feed_forward_proj="gated-gelu",  # Flan-T5's feed-forward
             # Tied input/output embeddings: T5 then scales the decoder output by d_model**-0.5, which keeps the
             # first logits of a from-scratch model small (untied, the initial loss is ~60 instead of ~log(vocab)).
@@ -64,6 +65,9 @@ def _tiny_gpt2(cfg: LanguageConfig, tokenizer) -> nn.Module:
             n_layer=cfg.num_layers,
             n_head=cfg.num_heads,
             n_positions=512,
+            resid_pdrop=0.0,  # a tiny model trained from scratch underfits; dropout only slows it
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
             bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vlmlab.config import Config, save_config
+from vlmlab.config import Config, DataConfig, load_config, save_config
 from vlmlab.data import load_examples
 from vlmlab.data.batching import ExampleDataset, StepBatches, collate, image_groups
 from vlmlab.evaluate import evaluate, summary_lines
 from vlmlab.log import info, warn
 from vlmlab.model import VLM, build_vlm, describe_parts, resolve_device
+from vlmlab.prompts import format_prompt
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
@@ -63,9 +64,9 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def training_texts(examples) -> list[str]:
-    """What a tokenizer trained from scratch must cover: every prompt and every reference."""
-    texts = [e.question for e in examples if e.question]
+def training_texts(examples, data: DataConfig) -> list[str]:
+    """What a tokenizer trained from scratch must cover: every prompt as the LM reads it, every reference."""
+    texts = [format_prompt(data, e.question) for e in examples]
     texts += [answer for e in examples for answer in e.answers]
     return texts
 
@@ -117,8 +118,13 @@ def append_log(path: Path, record: dict) -> None:
         log.write(json.dumps(record) + "\n")
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
+def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict:
+    """Trains `cfg` into `out_dir`; with `resume`, continues the run in `out_dir` as it was configured."""
     out_dir = Path(out_dir)
+    if resume:
+        if not (out_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{out_dir}: nothing to resume (no config.yaml)")
+        cfg = load_config(out_dir / "config.yaml")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -127,9 +133,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
     val_examples = load_examples(cfg.data.eval, "val", cfg.data)
     if resume:
         model, state = load_checkpoint(out_dir, device)
-        cfg = model.config
     else:
-        model, state = build_vlm(cfg, training_texts(train_examples)).to(device), None
+        model, state = build_vlm(cfg, training_texts(train_examples, cfg.data)).to(device), None
         save_config(cfg, out_dir / "config.yaml")
         (out_dir / "train_log.jsonl").unlink(missing_ok=True)
     tc = cfg.train
@@ -145,7 +150,6 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
         start_step = state["step"]
         info(f"resuming at step {start_step} of {tc.max_steps}")
 
@@ -154,6 +158,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
     sampler = StepBatches(image_groups(train_examples), micro_batch, tc.seed, start_step=start_step * tc.grad_accum)
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers,
                              pin_memory=device.type == "cuda"))
+    if state is not None:  # after the loader: starting it draws a seed from torch's RNG, as it did in the first run
+        set_rng_state(state["rng"])
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext())
     val_cfg = copy.deepcopy(cfg)
     val_cfg.eval.max_examples, val_cfg.eval.caption_metrics = tc.eval_examples, False
