@@ -33,7 +33,6 @@ def derangement(image_ids: list[str], seed: int) -> dict[str, str]:
 def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config, swap: dict | None = None,
             desc: str = "eval") -> list[str]:
     """Generated text for each example (None where its image is unusable); `swap` replaces image ids."""
-    usable = {}  # image id -> pixels, looked up once
     by_id = {example.image_id: example for example in dataset.examples}
     outputs: list[str | None] = [None] * len(examples)
     groups = defaultdict(list)  # captions and answers differ in length budget: generate them apart
@@ -47,11 +46,10 @@ def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config
             for index in indices[start : start + ev.batch_size]:
                 example = examples[index]
                 image_id = swap.get(example.image_id, example.image_id) if swap else example.image_id
-                if image_id not in usable:
-                    usable[image_id] = dataset.pixels(by_id.get(image_id, example))
-                if usable[image_id] is not None:
+                image_pixels = dataset.pixels(by_id.get(image_id, example))  # cached per image by the dataset
+                if image_pixels is not None:
                     chunk.append(index)
-                    pixels.append(usable[image_id])
+                    pixels.append(image_pixels)
                     prompts.append(format_prompt(cfg.data, example.question))
             if chunk:
                 texts = model.generate(
