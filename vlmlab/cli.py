@@ -137,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from vlmlab.config import ConfigError
     from vlmlab.data.jsonl import DatasetError
+    from vlmlab.faults import TrainingFault
     from vlmlab.images import ImageError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ImageError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DatasetError, ImageError, OSError, ValueError, TrainingFault) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ and names what is allowed when something is wrong. The resolved config is saved 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class VisionConfig:
     hidden_size: int = 128  # tiny tower: ViT width, or a ResNet's last stage width
     num_layers: int = 3  # tiny tower: ViT layers or ResNet stages
     num_heads: int = 4  # tiny ViT only
+    trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
 
 
 @dataclass
@@ -53,6 +55,7 @@ class LanguageConfig:
     vocab_size: int = 1000  # tiny tokenizer's target size
     max_prompt_tokens: int = 48
     max_target_tokens: int = 40
+    trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
 
 
 @dataclass
@@ -85,6 +88,7 @@ class TrainConfig:
     eval_every: int = 250  # 0: no evaluation during training
     eval_examples: int = 256  # size of the validation sample used during training
     save_every: int = 500  # 0: save only at the end
+    max_bad_steps: int = 20  # stop the run after this many steps in a row with a non-finite loss or gradient
 
 
 @dataclass
@@ -132,8 +136,10 @@ def _parse(text: str, kind: type, key: str):
 def set_field(cfg: Config, key: str, value) -> None:
     """Sets `section.field` to `value` (a string is parsed to the field's type; anything else is type-checked)."""
     section_name, _, field_name = key.partition(".")
-    if section_name not in SECTIONS or not field_name:
+    if section_name not in SECTIONS:
         raise ConfigError(f"unknown config section in {key!r}; valid sections: {', '.join(SECTIONS)}")
+    if not field_name:
+        raise ConfigError(f"{key!r} names a section but no field; write {section_name}.field=value")
     section = getattr(cfg, section_name)
     kinds = typing.get_type_hints(type(section))
     if field_name not in kinds:
@@ -146,6 +152,61 @@ def set_field(cfg: Config, key: str, value) -> None:
     elif type(value) is not kind:
         raise ConfigError(f"{key} expects {kind.__name__}, got {value!r}")
     setattr(section, field_name, value)
+
+
+# The smallest value each numeric field allows (checked by `validate`, before any work starts, so that a wrong
+# value is named at once instead of surfacing as a crash deep inside a library or as a silently broken run).
+MINIMUM = {
+    "vision.image_size": 1, "vision.patch_size": 1, "vision.hidden_size": 1, "vision.num_layers": 1,
+    "vision.num_heads": 1, "connector.num_queries": 1, "connector.hidden_size": 1, "connector.num_layers": 0,
+    "connector.num_heads": 1, "connector.dropout": 0.0, "language.hidden_size": 1, "language.num_layers": 1,
+    "language.num_heads": 1, "language.max_prompt_tokens": 2, "language.max_target_tokens": 2,
+    "data.train_images": 1, "data.eval_images": 1, "data.questions_per_image": 0,
+    "train.max_steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.weight_decay": 0.0,
+    "train.warmup_steps": 0, "train.num_workers": 0, "train.log_every": 1, "train.eval_every": 0,
+    "train.eval_examples": 1, "train.save_every": 0, "train.max_bad_steps": 1,
+    "eval.max_examples": 0, "eval.batch_size": 1, "eval.max_new_tokens": 1, "eval.caption_max_new_tokens": 1,
+    "eval.min_new_tokens": 0, "eval.num_beams": 1,
+}
+POSITIVE = ("train.lr", "train.grad_clip")
+CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16")}
+DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _value(cfg: Config, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _refuse(key: str, value, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not allowed; {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values against what each field allows; raises a ConfigError naming the key, the value and the rule.
+
+    Field types are checked when set; names chosen from a registry (families, connector kinds) when built.
+    """
+    for key, least in MINIMUM.items():
+        if _value(cfg, key) < least:
+            raise _refuse(key, _value(cfg, key), f"it must be at least {least}")
+    for key in POSITIVE:
+        if not _value(cfg, key) > 0:
+            raise _refuse(key, _value(cfg, key), "it must be greater than 0")
+    for key, choices in CHOICES.items():
+        if _value(cfg, key) not in choices:
+            raise _refuse(key, _value(cfg, key), f"valid: {', '.join(choices)}")
+    if not DEVICES.fullmatch(cfg.train.device):
+        raise _refuse("train.device", cfg.train.device, "valid: auto, cpu, cuda, cuda:N, mps")
+    if cfg.connector.dropout >= 1:
+        raise _refuse("connector.dropout", cfg.connector.dropout, "it must be below 1")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise _refuse("train.batch_size", cfg.train.batch_size,
+                      f"it must be a multiple of train.grad_accum={cfg.train.grad_accum}")
+    if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
+        raise _refuse("eval.min_new_tokens", cfg.eval.min_new_tokens,
+                      f"it must not exceed eval.max_new_tokens={cfg.eval.max_new_tokens}")
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -12,15 +12,14 @@ appended exactly once to each target; the attention mask covers every visual tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from vlmlab.config import LanguageConfig
+from vlmlab.loading import pretrained_config, pretrained_model, pretrained_tokenizer
 from vlmlab.registry import lookup
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -128,9 +128,34 @@ class LanguageModel(nn.Module):
         closing = [self.eos_id] if self.is_encoder_decoder else []
         return [row[: self.max_prompt_tokens - len(closing)] + closing for row in ids]
 
+    def prompt_length(self, text: str) -> int:
+        """Tokens the LM would read for prompt `text` if nothing were cut (a T5 encoder's closing EOS included)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + int(self.is_encoder_decoder)
+
+    def fit_question(self, question: str, render: Callable[[str], str]) -> str:
+        """The longest start of `question` whose prompt `render(question)` fits in `max_prompt_tokens`.
+
+        Cutting whole characters (not tokens) keeps every script intact, and cutting the question rather than the
+        prompt keeps the instruction's closing words ("Answer:") that the answer follows.
+        """
+        if self.prompt_length(render(question)) <= self.max_prompt_tokens:
+            return question
+        fits, too_long = 0, len(question)  # binary search on the number of characters kept
+        while too_long - fits > 1:
+            middle = (fits + too_long) // 2
+            if self.prompt_length(render(question[:middle])) <= self.max_prompt_tokens:
+                fits = middle
+            else:
+                too_long = middle
+        return question[:fits]
+
     def encode_targets(self, texts: list[str]) -> list[list[int]]:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [row[: self.max_target_tokens - 1] + [self.eos_id] for row in ids]  # EOS exactly once
+
+    def answer_tokens(self, targets: list[str]) -> int:
+        """How many tokens the loss of a batch with these targets is averaged over (EOS included)."""
+        return sum(len(row) for row in self.encode_targets(targets))
 
     # -- sequences ---------------------------------------------------------------------------------------------
     def _rows(self, visual: torch.Tensor, token_rows: list[list[int]]) -> list[torch.Tensor]:
@@ -194,21 +219,21 @@ class LanguageModel(nn.Module):
         self.tokenizer.save_pretrained(directory)
 
 
-def load_pretrained(name: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_pretrained(name: str, trust_remote_code: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A hub name or local path -> (LM, tokenizer); the LM class follows the checkpoint's own config."""
-    config = AutoConfig.from_pretrained(name)
+    config = pretrained_config("language.model", name, trust_remote_code)
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = pretrained_tokenizer("language.model", name, trust_remote_code)
     if tokenizer.pad_token is None:
         # GPT-2 ships no pad token. Reusing EOS is harmless here: labels never come from comparing ids with pad.
         tokenizer.pad_token = tokenizer.eos_token
-    return model_class.from_pretrained(name), tokenizer
+    return pretrained_model(model_class, "language.model", name, trust_remote_code), tokenizer
 
 
 def build_language(cfg: LanguageConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:
     """Loads `cfg.model`, or builds a tiny LM of `cfg.family` around `tokenizer` (trained on the data)."""
     if cfg.model:
-        model, tokenizer = load_pretrained(cfg.model)
+        model, tokenizer = load_pretrained(cfg.model, cfg.trust_remote_code)
     else:
         if tokenizer is None:
             raise ValueError("a tiny language model needs a tokenizer trained on the data")

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlmlab.config import Config, ConfigError, load_config, save_config
 from vlmlab.connectors import build_connector
 from vlmlab.images import load_image, to_pixels
 from vlmlab.language import LanguageModel, build_language
+from vlmlab.loading import load_exact, refuse_incomplete
+from vlmlab.log import warn
 from vlmlab.prompts import format_prompt
 from vlmlab.tokenizer import train_tokenizer
 from vlmlab.vision import VisionTower, build_vision
@@ -32,7 +34,13 @@ TRAIN_MODES = ("full", "frozen")
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use auto or cpu")
+    return device
 
 
 class VLM(nn.Module):
@@ -75,9 +83,13 @@ class VLM(nn.Module):
         return torch.stack([to_pixels(load_image(image), self.vision.image_size) for image in images])
 
     def ask(self, image: Image.Image | str | Path, question: str) -> str:
-        if not question.strip():
-            raise ValueError("the question is empty")
-        prompt = format_prompt(self.config.data, question)
+        if not question or not question.strip():
+            raise ValueError("the question is empty; ask something about the image")
+        fitted = self.language.fit_question(question, lambda text: format_prompt(self.config.data, text))
+        if fitted != question:
+            warn(f"question cut to its first {len(fitted)} of {len(question)} characters to fit "
+                 f"language.max_prompt_tokens={self.language.max_prompt_tokens}")
+        prompt = format_prompt(self.config.data, fitted)
         return self.generate(self.pixels_of([image]), [prompt], **self._generation_options(caption=False))[0]
 
     def caption(self, image: Image.Image | str | Path) -> str:
@@ -116,7 +128,12 @@ class VLM(nn.Module):
         parts.language.model = str(directory / "language")
         model = build_vlm(parts)
         model.config = config
-        model.connector.load_state_dict(load_file(directory / CONNECTOR_FILE))
+        # A saved model must be complete: weights missing from a part, or a connector built by config.yaml that
+        # its saved weights do not fit, is refused rather than filled with random values.
+        for part in ("vision", "language"):
+            refuse_incomplete(getattr(model, part).model, directory / part)
+        connector_config = ", ".join(f"connector.{k}={v!r}" for k, v in vars(config.connector).items())
+        load_exact(model.connector, directory / CONNECTOR_FILE, f"{CONFIG_FILE} ({connector_config})")
         return model.to(resolve_device(device)).eval()
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
-import os
+import pickle
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -23,11 +21,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vlmlab.config import Config, DataConfig, load_config, save_config
+from vlmlab.config import Config, DataConfig, load_config, save_config, validate
 from vlmlab.data import load_examples
 from vlmlab.data.batching import ExampleDataset, StepBatches, collate, image_groups
 from vlmlab.evaluate import evaluate, summary_lines
-from vlmlab.log import info, warn
+from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace_directory, truncate_log,
+                           write_text_atomically)
+from vlmlab.log import info
 from vlmlab.model import VLM, build_vlm, describe_parts, resolve_device
 from vlmlab.prompts import format_prompt
 
@@ -85,8 +85,7 @@ def make_optimizer(model: VLM, cfg: Config) -> torch.optim.Optimizer:
 def save_checkpoint(out_dir: Path, model: VLM, optimizer, scheduler, scaler, step: int) -> None:
     """Writes the resumable state into a temporary folder, then swaps it in: a kill never leaves half of one."""
     final = out_dir / CHECKPOINT_DIR
-    partial = out_dir / f"{CHECKPOINT_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = fresh_partial(final)
     model.save(partial / "model")
     state = {
         "step": step,
@@ -96,20 +95,20 @@ def save_checkpoint(out_dir: Path, model: VLM, optimizer, scheduler, scaler, ste
         "rng": rng_state(),
     }
     torch.save(state, partial / STATE_FILE)
-    old = out_dir / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(final)
 
 
 def load_checkpoint(out_dir: Path, device: torch.device) -> tuple[VLM, dict]:
     folder = out_dir / CHECKPOINT_DIR
+    recover_directory(folder)
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"{out_dir}: nothing to resume (no {CHECKPOINT_DIR}/{STATE_FILE})")
     model = VLM.load(folder / "model", device=str(device)).train()
-    state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+    try:  # weights_only: tensors and plain values only, so a tampered file cannot run code when unpickled
+        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{folder / STATE_FILE}: refused, it holds more than tensors and plain values "
+                         f"({str(err).splitlines()[0]})") from None
     return model, state
 
 
@@ -125,6 +124,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         if not (out_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{out_dir}: nothing to resume (no config.yaml)")
         cfg = load_config(out_dir / "config.yaml")
+    validate(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -152,6 +152,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
         info(f"resuming at step {start_step} of {tc.max_steps}")
+        truncate_log(out_dir / "train_log.jsonl", start_step)  # the steps after the checkpoint are run again
 
     dataset = ExampleDataset(train_examples, cfg.data, model.vision.image_size)
     micro_batch = tc.batch_size // tc.grad_accum
@@ -165,27 +166,35 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     val_cfg.eval.max_examples, val_cfg.eval.caption_metrics = tc.eval_examples, False
 
     log_path = out_dir / "train_log.jsonl"
+    guard = FaultGuard(tc.max_bad_steps, micro_batch, tc.grad_accum, model.language.answer_tokens,
+                       lambda record: append_log(log_path, record))
+    guard.resume(log_path, start_step)
+
+    def backward(batch: dict, share: float) -> float:
+        """Forward and backward of a micro-batch, or of a piece of one holding `share` of its loss."""
+        with autocast:
+            loss = model(batch["pixels"], batch["prompts"], batch["targets"], batch["image_index"]) * share
+            loss = loss / tc.grad_accum
+        scaler.scale(loss).backward()
+        return loss.item()
+
     model.train()
     started, samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
     bar = tqdm(range(start_step, tc.max_steps), initial=start_step, total=tc.max_steps, desc="train", disable=None)
     for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        micro_batches = []
         for _ in range(tc.grad_accum):
             batch = next(loader)
             while batch is None:  # every image of this micro-batch was unusable (already reported)
                 batch = next(loader)
-            with autocast:
-                loss = model(batch["pixels"], batch["prompts"], batch["targets"], batch["image_index"]) / tc.grad_accum
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
-            samples += len(batch["prompts"])
+            micro_batches.append(batch)
+        step_loss = guard.accumulate(step + 1, micro_batches, backward, optimizer)
+        samples += sum(len(batch["prompts"]) for batch in micro_batches)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
-            warn(f"step {step + 1}: non-finite loss or gradient, update skipped")
-        scaler.step(optimizer)  # the scaler skips the update itself when gradients are not finite
-        scaler.update()
+        if guard.step_is_finite(step + 1, step_loss, grad_norm):
+            scaler.step(optimizer)
+        scaler.update()  # a skipped step with an active fp16 scaler lowers its scale (unscale_ saw the inf)
         scheduler.step()
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         done = step + 1
@@ -207,16 +216,18 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     train_seconds = time.perf_counter() - started
 
     save_checkpoint(out_dir, model, optimizer, scheduler, scaler, tc.max_steps)
-    model.save(out_dir / "model")
+    model.save(fresh_partial(out_dir / "model"))
+    replace_directory(out_dir / "model")
     test_examples = load_examples(cfg.data.eval, cfg.eval.split, cfg.data)
     metrics, records = evaluate(model, test_examples, cfg)
     metrics["train_seconds"] = train_seconds
     metrics["train_samples_per_second"] = samples / train_seconds if train_seconds > 0 else None
     metrics["train_steps"] = tc.max_steps
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics.update(guard.counts())
+    write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     with (out_dir / "predictions.jsonl").open("w") as out:
         out.writelines(json.dumps(record) + "\n" for record in records)
-    for line in summary_lines(metrics):
+    for line in [*summary_lines(metrics), *guard.report()]:
         print(line)
     print(f"model, metrics and log written to {out_dir}")
     return metrics

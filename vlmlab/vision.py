@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModel,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -23,6 +22,7 @@ from transformers import (
 from transformers.image_processing_utils import ImageProcessingMixin
 
 from vlmlab.config import VisionConfig
+from vlmlab.loading import pretrained_config, pretrained_model
 from vlmlab.registry import lookup
 
 def _tiny_vit(config_class, model_class):
@@ -108,10 +108,10 @@ class VisionTower(nn.Module):
         preprocessing.save_pretrained(directory)
 
 
-def _pretrained_tower(name: str) -> tuple[nn.Module, list[float], list[float]]:
-    model_type = AutoConfig.from_pretrained(name).model_type
+def _pretrained_tower(name: str, trust_remote_code: bool) -> tuple[nn.Module, list[float], list[float]]:
+    model_type = pretrained_config("vision.model", name, trust_remote_code).model_type
     model_class = VISION_HALF_OF.get(model_type, AutoModel)
-    model = model_class.from_pretrained(name)
+    model = pretrained_model(model_class, "vision.model", name, trust_remote_code)
     try:
         processor = ImageProcessingMixin.get_image_processor_dict(name)[0]
     except OSError:  # a tower saved without preprocessing: the ImageNet statistics most towers were trained on
@@ -121,7 +121,7 @@ def _pretrained_tower(name: str) -> tuple[nn.Module, list[float], list[float]]:
 
 def build_vision(cfg: VisionConfig) -> VisionTower:
     if cfg.model:
-        model, mean, std = _pretrained_tower(cfg.model)
+        model, mean, std = _pretrained_tower(cfg.model, cfg.trust_remote_code)
         image_size = getattr(model.config, "image_size", None) or cfg.image_size
     else:
         model = lookup(TINY_FAMILIES, cfg.family, "tiny vision family")(cfg)
