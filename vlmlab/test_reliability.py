@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 from vlmlab import VLM
 from vlmlab.cli import main
+from vlmlab.config import validate
 from vlmlab.data.synthetic import make_split
+from vlmlab.presets import PRESETS, get_preset
 from vlmlab.test_faults import one_thread  # noqa: F401 (an autouse fixture: the killed subprocess uses one thread)
 from vlmlab.test_model import SMALL
 
@@ -178,3 +180,8 @@ def test_config_errors_name_the_key_the_value_and_what_is_allowed(override, name
     error = capsys.readouterr().err.strip().splitlines()
     assert error == [f"error: {named}"]
     assert not (tmp_path / "config.yaml").exists(), "nothing is written before the config is checked"
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_passes_the_config_checks(preset):
+    validate(get_preset(preset))
