@@ -1,4 +1,4 @@
-"""The `vlmlab` command: train, eval, ask, caption, presets.
+"""The `vlmlab` command: train, eval, ask, caption, diagnose, presets.
 
 Every error a user can cause (a bad config key, a missing file, a broken image) ends as one line on stderr and a
 non-zero exit; `caption` goes on past a bad image and exits 1 when any image failed.
@@ -50,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     caption = commands.add_parser("caption", help="caption images; one JSON line per image")
     caption.add_argument("--model", required=True, type=Path, help="run or model directory")
     caption.add_argument("images", nargs="+", help="image files")
+
+    diagnose = commands.add_parser(
+        "diagnose", help="does the model use its image? signals, a verdict and likely causes",
+        description="Measures on an eval set whether the model's outputs depend on the image: empty outputs, EOS "
+                    "as the first token, outputs identical across images, scores and reference loss with real, "
+                    "shuffled and blank images, attention on the visual tokens. Ends with a verdict (uses_image, "
+                    "ignores_image, collapsed), one sentence why, and the suspected causes with what to try.")
+    diagnose.add_argument("--model", required=True, type=Path, help="run or model directory")
+    diagnose.add_argument("--data", metavar="SPEC", help="dataset spec (default: the model's eval data)")
+    diagnose.add_argument("--json", action="store_true", help="print the report as JSON")
+    diagnose.add_argument("--max-examples", type=int, default=256, metavar="N",
+                          help="examples of the split to use (default 256; 0: all)")
+    diagnose.add_argument("overrides", nargs="*", metavar="section.field=value",
+                          help="e.g. eval.split=val eval.caption_metrics=false")
 
     commands.add_parser("presets", help="list the presets")
     return parser
@@ -122,6 +136,26 @@ def _caption(args) -> int:
     return 1 if failed else 0
 
 
+def _diagnose(args) -> int:
+    from vlmlab.config import apply_overrides
+    from vlmlab.data import load_examples
+    from vlmlab.diagnose import diagnose, read_train_log, report_lines
+    from vlmlab.model import VLM
+
+    if args.max_examples < 0:
+        raise ValueError(f"--max-examples must be 0 (all) or more, got {args.max_examples}")
+    model = VLM.load(args.model)
+    cfg = apply_overrides(model.config, args.overrides)
+    cfg.eval.max_examples = args.max_examples
+    spec = args.data or cfg.data.eval
+    run_dir = args.model if (args.model / "train_log.jsonl").is_file() else args.model.parent
+    report = diagnose(model, load_examples(spec, cfg.eval.split, cfg.data), cfg,
+                      read_train_log(run_dir / "train_log.jsonl"))
+    report["data"] = spec
+    print(json.dumps(report, indent=2) if args.json else "\n".join(report_lines(report)))
+    return 0
+
+
 def _presets(args) -> int:
     from vlmlab.presets import describe_presets
 
@@ -129,7 +163,8 @@ def _presets(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "ask": _ask, "caption": _caption, "presets": _presets}
+COMMANDS = {"train": _train, "eval": _eval, "ask": _ask, "caption": _caption, "diagnose": _diagnose,
+            "presets": _presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,12 @@ class LanguageConfig:
     vocab_size: int = 1000  # tiny tokenizer's target size
     max_prompt_tokens: int = 48
     max_target_tokens: int = 40
+    fusion: str = "prefix"  # decoder-only LMs: prefix (visual tokens lead the text) | cross_attention (gated)
+    cross_attention_every: int = 1  # fusion=cross_attention: a gated block before decoder layers 0, k, 2k, ...
+    eos_loss_weight: float = 1.0  # weight of EOS targets in the loss; below 1 counters a bias to stop at once
+    # REPRODUCTION ONLY: pad every target to max_target_tokens with EOS and train those positions too, the bug
+    # behind empty captions when pad == EOS (GPT-2). Never set it to train a model you mean to use.
+    train_padding_as_eos: bool = False
     trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
 
 
@@ -88,6 +94,9 @@ class TrainConfig:
     eval_every: int = 250  # 0: no evaluation during training
     eval_examples: int = 256  # size of the validation sample used during training
     save_every: int = 500  # 0: save only at the end
+    alarm_every: int = 100  # check whether outputs depend on the image every this many steps (0: never)
+    alarm_warmup: int = 200  # no image-reliance check before this step
+    alarm_examples: int = 32  # held-out examples the check uses
     max_bad_steps: int = 20  # stop the run after this many steps in a row with a non-finite loss or gradient
 
 
@@ -165,6 +174,8 @@ MINIMUM = {
     "train.max_steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.weight_decay": 0.0,
     "train.warmup_steps": 0, "train.num_workers": 0, "train.log_every": 1, "train.eval_every": 0,
     "train.eval_examples": 1, "train.save_every": 0, "train.max_bad_steps": 1,
+    "language.cross_attention_every": 1, "language.eos_loss_weight": 0.0, "train.alarm_every": 0,
+    "train.alarm_warmup": 0, "train.alarm_examples": 2,
     "eval.max_examples": 0, "eval.batch_size": 1, "eval.max_new_tokens": 1, "eval.caption_max_new_tokens": 1,
     "eval.min_new_tokens": 0, "eval.num_beams": 1,
 }

@@ -3,11 +3,14 @@
 Two kinds of `transformers` LM sit behind one contract, chosen by the checkpoint's own `is_encoder_decoder` flag:
 - encoder-decoder (T5, Flan-T5): the encoder reads [visual tokens; prompt]; the decoder is trained on the answer.
 - decoder-only (GPT-2, Llama-style): one sequence [visual tokens; prompt; answer], left-padded, the visual tokens
-  as a prefix, the loss only on the answer.
+  as a prefix, the loss only on the answer; or, with `language.fusion=cross_attention`, [prompt; answer] with gated
+  cross-attention blocks into the visual tokens (fusion.py).
 
 Conditioning is right by construction, whatever the tokenizer: labels are built from each example's lengths,
 never by comparing ids with the pad id, so padding is never trained as EOS even when pad == EOS (GPT-2); EOS is
-appended exactly once to each target; the attention mask covers every visual token and no padding.
+appended exactly once to each target; the attention mask covers every visual token and no padding. The one
+exception is asked for by name: `language.train_padding_as_eos`, a switch that exists only to reproduce the
+empty-caption failure (docs/experiments/conditioning.md).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -30,6 +35,7 @@ from transformers import (
 )
 
 from vlmlab.config import LanguageConfig
+from vlmlab.fusion import FUSION_FILE, build_fusion
 from vlmlab.loading import pretrained_config, pretrained_model, pretrained_tokenizer
 from vlmlab.registry import lookup
 
@@ -116,6 +122,9 @@ class LanguageModel(nn.Module):
         self.max_target_tokens = cfg.max_target_tokens
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.eos_id = tokenizer.eos_token_id
+        self.eos_loss_weight = cfg.eos_loss_weight
+        self.train_padding_as_eos = cfg.train_padding_as_eos
+        self.fusion = build_fusion(cfg.fusion, model, cfg.cross_attention_every, self.is_encoder_decoder)
 
     @property
     def hidden_size(self) -> int:
@@ -149,21 +158,35 @@ class LanguageModel(nn.Module):
                 too_long = middle
         return question[:fits]
 
-    def encode_targets(self, texts: list[str]) -> list[list[int]]:
+    def encode_answers(self, texts: list[str]) -> list[list[int]]:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [row[: self.max_target_tokens - 1] + [self.eos_id] for row in ids]  # EOS exactly once
+
+    def encode_targets(self, texts: list[str]) -> list[list[int]]:
+        """The training targets: the answers, unless `train_padding_as_eos` (reproduction only) pads each one
+        to `max_target_tokens` with EOS, every position of it trained."""
+        rows = self.encode_answers(texts)
+        if self.train_padding_as_eos:
+            return [row + [self.eos_id] * (self.max_target_tokens - len(row)) for row in rows]
+        return rows
 
     def answer_tokens(self, targets: list[str]) -> int:
         """How many tokens the loss of a batch with these targets is averaged over (EOS included)."""
         return sum(len(row) for row in self.encode_targets(targets))
 
     # -- sequences ---------------------------------------------------------------------------------------------
+    def prefix_length(self, visual: torch.Tensor) -> int:
+        """How many visual tokens lead each sequence: all M of them, or none with cross-attention fusion."""
+        return 0 if self.fusion is not None else visual.shape[1]
+
     def _rows(self, visual: torch.Tensor, token_rows: list[list[int]]) -> list[torch.Tensor]:
-        """[visual_i; embed(tokens_i)] per example: `[M + Ti, D]`."""
+        """[visual_i; embed(tokens_i)] per example: `[M + Ti, D]` (`[Ti, D]` with cross-attention fusion)."""
         embed = self.model.get_input_embeddings()
         flat = torch.tensor([t for row in token_rows for t in row], dtype=torch.long, device=visual.device)
-        pieces = embed(flat).split([len(row) for row in token_rows])
-        return [torch.cat([visual[i], piece.to(visual.dtype)]) for i, piece in enumerate(pieces)]
+        pieces = [piece.to(visual.dtype) for piece in embed(flat).split([len(row) for row in token_rows])]
+        if self.fusion is not None:
+            return pieces
+        return [torch.cat([visual[i], piece]) for i, piece in enumerate(pieces)]
 
     def _inputs(self, visual: torch.Tensor, token_rows: list[list[int]]) -> dict:
         """Model inputs for [visual; tokens] rows: right-padded for the encoder, left-padded for a causal LM."""
@@ -182,15 +205,35 @@ class LanguageModel(nn.Module):
             return {**self._inputs(visual, prompts), "labels": labels}
         # One sequence per example; labels are the answer ids at the answer positions and IGNORE_INDEX elsewhere.
         label_rows = [
-            torch.tensor([IGNORE_INDEX] * (visual.shape[1] + len(p)) + t, device=device)
+            torch.tensor([IGNORE_INDEX] * (self.prefix_length(visual) + len(p)) + t, device=device)
             for p, t in zip(prompts, targets)
         ]
         labels, _ = _pad_stack(label_rows, IGNORE_INDEX, left=True)
         return {**self._inputs(visual, [p + t for p, t in zip(prompts, targets)]), "labels": labels}
 
+    def _run(self, visual: torch.Tensor, inputs: dict, **options):
+        if self.fusion is not None:
+            self.fusion.attend_to(visual)
+        return self.model(**inputs, **options)
+
+    def forward(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]], **options):
+        """The transformers output for a training batch: logits, loss, and what `options` ask for (attentions)."""
+        return self._run(visual, self.training_inputs(visual, prompts, targets), **options)
+
     def loss(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
-        """Mean cross-entropy over the answer tokens (EOS included)."""
-        return self.model(**self.training_inputs(visual, prompts, targets)).loss
+        """Mean cross-entropy over the answer tokens, EOS included and counted `eos_loss_weight` times."""
+        inputs = self.training_inputs(visual, prompts, targets)
+        output = self._run(visual, inputs)
+        if self.eos_loss_weight == 1.0:
+            return output.loss
+        logits, labels = output.logits, inputs["labels"]
+        if not self.is_encoder_decoder:  # position t predicts token t + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none")  # [B * T], 0 where ignored
+        weights = torch.where(labels.flatten() == self.eos_id, self.eos_loss_weight, 1.0)
+        # Divided by the number of answer tokens, as the unweighted mean is: only EOS's share changes.
+        return (losses * weights).sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     @torch.no_grad()
     def generate(
@@ -203,6 +246,8 @@ class LanguageModel(nn.Module):
     ) -> list[str]:
         inputs = self._inputs(visual, prompts)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
+        if self.fusion is not None:
+            self.fusion.attend_to(visual)
         ids = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -217,6 +262,9 @@ class LanguageModel(nn.Module):
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        if self.fusion is not None:
+            state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.fusion.state_dict().items()}
+            save_file(state, Path(directory) / FUSION_FILE)
 
 
 def load_pretrained(name: str, trust_remote_code: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -238,4 +286,8 @@ def build_language(cfg: LanguageConfig, tokenizer: PreTrainedTokenizerBase | Non
         if tokenizer is None:
             raise ValueError("a tiny language model needs a tokenizer trained on the data")
         model = lookup(TINY_FAMILIES, cfg.family, "tiny language family")(cfg, tokenizer)
-    return LanguageModel(model, tokenizer, cfg)
+    language = LanguageModel(model, tokenizer, cfg)
+    saved_fusion = Path(cfg.model) / FUSION_FILE if cfg.model else None
+    if language.fusion is not None and saved_fusion is not None and saved_fusion.is_file():
+        language.fusion.load_state_dict(load_file(saved_fusion))  # strict: every block's weights, or an error
+    return language

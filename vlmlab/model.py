@@ -156,6 +156,8 @@ def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
     for part in ("vision", "language"):
         if getattr(config, part).train == "frozen":
             getattr(model, part).requires_grad_(False)
+    if language.fusion is not None:  # new gated cross-attention blocks train whatever the LM's mode (fusion.py)
+        language.fusion.requires_grad_(True)
     return model
 
 

@@ -81,3 +81,38 @@ def test_loss_ignores_padding_content(family):
     row_labels = inputs["labels"][0, shift:]
     together = torch.nn.functional.cross_entropy(row_logits, row_labels, ignore_index=IGNORE_INDEX)
     assert torch.allclose(alone, together, atol=1e-5)
+
+
+def _with(lm, **fields):
+    for name, value in fields.items():
+        setattr(lm, name, value)
+    return lm
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_eos_loss_weight_scales_only_the_eos_terms(family):
+    torch.manual_seed(0)
+    lm = tiny_lm(family).eval()
+    visual, prompts, targets = batch(lm)
+    plain = lm.loss(visual, prompts, targets)
+    assert torch.allclose(_with(lm, eos_loss_weight=1.0).loss(visual, prompts, targets), plain)
+    none, half, full = (_with(lm, eos_loss_weight=w).loss(visual, prompts, targets) for w in (0.0, 0.5, 1.0))
+    assert none < full, "EOS terms removed"
+    assert torch.allclose(half, (none + full) / 2, atol=1e-6), "linear in the weight, same normaliser"
+    # Full weight through our own cross-entropy equals transformers' loss.
+    lm.eos_loss_weight = 0.999999
+    assert torch.allclose(lm.loss(visual, prompts, targets), plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_padding_trained_as_eos_only_when_asked(family):
+    lm = tiny_lm(family, pad_is_eos=True)
+    answers = ["red", "a large red circle"]
+    assert [row.count(lm.eos_id) for row in lm.encode_targets(answers)] == [1, 1]
+    lm.train_padding_as_eos = True  # the reproduction switch: targets padded with EOS, all of it trained
+    rows = lm.encode_targets(answers)
+    assert all(len(row) == lm.max_target_tokens for row in rows)
+    assert rows[0][: len(lm.encode_answers(answers)[0])] == lm.encode_answers(answers)[0]
+    visual, prompts, _ = batch(lm)
+    labels = lm.training_inputs(visual, prompts, rows)["labels"]
+    assert int((labels == lm.eos_id).sum()) == sum(row.count(lm.eos_id) for row in rows) > 10

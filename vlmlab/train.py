@@ -24,6 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 from vlmlab.config import Config, DataConfig, load_config, save_config, validate
 from vlmlab.data import load_examples
 from vlmlab.data.batching import ExampleDataset, StepBatches, collate, image_groups
+from vlmlab.diagnose import ConditioningAlarm
 from vlmlab.evaluate import evaluate, summary_lines
 from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace_directory, truncate_log,
                            write_text_atomically)
@@ -164,6 +165,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext())
     val_cfg = copy.deepcopy(cfg)
     val_cfg.eval.max_examples, val_cfg.eval.caption_metrics = tc.eval_examples, False
+    alarm = ConditioningAlarm(cfg, val_examples, model.vision.image_size)  # warns when the image stops mattering
 
     log_path = out_dir / "train_log.jsonl"
     guard = FaultGuard(tc.max_bad_steps, micro_batch, tc.grad_accum, model.language.answer_tokens,
@@ -210,6 +212,8 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
             append_log(log_path, {"step": done, "eval": metrics})
             info(f"step {done}: val VQA accuracy {metrics['vqa_accuracy']}, "
                  f"shuffled images {metrics.get('vqa_accuracy_shuffled_images')}")
+        if alarm.due(done):
+            append_log(log_path, {"step": done, "conditioning": alarm.check(model, done)})
         if tc.save_every and done % tc.save_every == 0 and done < tc.max_steps:
             save_checkpoint(out_dir, model, optimizer, scheduler, scaler, done)
     bar.close()
