@@ -221,13 +221,16 @@ def validate(cfg: Config) -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Applies `section.field=value` strings in order; returns the same config for chaining."""
+    """Applies `section.field=value` strings in order, then checks the result (`validate`); returns the same config.
+
+    Every command that takes overrides goes through here, so a value out of range is named before any work starts.
+    """
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
         set_field(cfg, key.strip(), value.strip())
-    return cfg
+    return validate(cfg)
 
 
 def from_dict(data: dict, base: Config | None = None) -> Config:

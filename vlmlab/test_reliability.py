@@ -185,3 +185,9 @@ def test_config_errors_name_the_key_the_value_and_what_is_allowed(override, name
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_passes_the_config_checks(preset):
     validate(get_preset(preset))
+
+
+def test_overrides_of_other_commands_are_checked_too(run, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "eval.num_beams=0"]) == 2
+    assert capsys.readouterr().err == "error: eval.num_beams=0 is not allowed; it must be at least 1\n"
