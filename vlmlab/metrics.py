@@ -1,4 +1,4 @@
-"""Evaluation metrics: VQA accuracy (the official VQAv2 rule) and the COCO caption metrics."""
+"""Evaluation metrics: VQA accuracy (the official VQA evaluation's rule) and the COCO caption metrics."""
 
 import re
 import shutil
@@ -67,31 +67,37 @@ def _process_punctuation(text: str) -> str:
     return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=32)
 
 
-def normalize_answer(answer: str) -> str:
-    """Normalise a VQA answer exactly as the official VQAv2 evaluation does.
-
-    Newlines/tabs become spaces and the ends are stripped; punctuation is removed or turned
-    into spaces; the text is lowercased; number words become digits ("two" -> "2",
-    "none" -> "0"); the articles a/an/the are dropped; contractions missing an apostrophe are
-    repaired ("dont" -> "don't"). Words are re-joined with single spaces.
-    """
+def _process_digit_article(text: str) -> str:
     words = []
-    for word in _process_punctuation(_clean(answer)).lower().split():
+    for word in text.lower().split():
         word = _NUMBER_WORDS.get(word, word)
         if word not in _ARTICLES:
             words.append(_CONTRACTIONS.get(word, word))
     return " ".join(words)
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """VQAv2 accuracy of one predicted answer against its reference answers, in [0, 1].
+def normalize_answer(answer: str) -> str:
+    """Normalise a predicted VQA answer exactly as the official VQA evaluation does.
 
-    With 10 references this is the official number: for each reference i, count the OTHER
-    references equal to the prediction, score min(1, count / 3), and average over i (so 3
-    matching references give 0.9 and 4 or more give 1.0). As in the official script,
-    prediction and references are always stripped (newlines/tabs become spaces), but
-    `normalize_answer` is applied to them only when the references are not all identical:
-    "Two" against ten "2" scores 0.0, while against mixed references it counts as "2".
+    Newlines/tabs become spaces and the ends are stripped; punctuation is removed or turned
+    into spaces; the text is lowercased; number words become digits ("two" -> "2",
+    "none" -> "0"); the articles a/an/the are dropped; contractions missing an apostrophe are
+    repaired ("dont" -> "don't"). Words are re-joined with single spaces.
+    """
+    return _process_digit_article(_process_punctuation(_clean(answer)))
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy of one predicted answer against its reference answers, in [0, 1].
+
+    With 10 references this is the official number (the VQA evaluation's vqaEval.py, quirks
+    included): for each reference i, count the OTHER references equal to the prediction, score
+    min(1, count / 3), and average over i (so 3 matching references give 0.9, 4 or more 1.0).
+    The prediction is always normalised (`normalize_answer`). The references are compared as
+    they are when all of them agree, and only have their punctuation processed when they differ:
+    they are never lowercased, stripped or given digits for number words, because the official
+    annotations already are in that form. So "Two." scores 1.0 against ten "2", while a
+    reference written "Two" or "two" can never be matched.
 
     Generalisation to fewer references (ours, not official): with k references the threshold
     is min(3, k - 1) instead of 3, which is the official rule for k >= 4; with k = 2 the
@@ -101,17 +107,24 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     """
     if isinstance(answers, str) or not answers:
         raise ValueError("vqa_accuracy needs a non-empty list of reference answers")
-    answers = [_clean(answer) for answer in answers]
-    prediction = _clean(prediction)
-    if len(answers) == 1 or len(set(answers)) > 1:
-        answers = [normalize_answer(answer) for answer in answers]
-        prediction = normalize_answer(prediction)
+    prediction = normalize_answer(prediction)
     if len(answers) == 1:
-        return float(prediction == answers[0])
+        return float(prediction == normalize_answer(answers[0]))
+    if len(set(answers)) > 1:
+        answers = [_process_punctuation(answer) for answer in answers]
     threshold = min(3, len(answers) - 1)
     matches = [answer == prediction for answer in answers]
     n_matches = sum(matches)
     return sum(min(1.0, (n_matches - own) / threshold) for own in matches) / len(answers)
+
+
+def accuracy_by(scored) -> dict[str, float]:
+    """Mean score per key from (key, score) pairs: per question type or answer type, as the official
+    perQuestionType / perAnswerType (fractions here, not percentages)."""
+    groups: dict[str, list[float]] = {}
+    for key, value in scored:
+        groups.setdefault(key, []).append(value)
+    return {key: sum(values) / len(values) for key, values in sorted(groups.items())}
 
 
 # ------------------------------------------------------------ caption metrics

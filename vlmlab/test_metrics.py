@@ -6,6 +6,7 @@ import pytest
 from vlmlab import metrics
 from vlmlab.metrics import (
     JavaNotFoundError,
+    accuracy_by,
     caption_metrics,
     normalize_answer,
     vqa_accuracy,
@@ -29,22 +30,40 @@ def test_normalize_answer_follows_official_rules():
     assert normalize_answer("none") == "0"
 
 
-def test_identical_answers_are_not_normalised():
-    # All ten references agree, so the official script compares the raw (stripped) strings.
-    assert vqa_accuracy("Two", ["2"] * 10) == 0.0
-    assert vqa_accuracy("yes.", ["yes"] * 10) == 0.0
-    assert vqa_accuracy(" 2\n", ["2"] * 10) == 1.0  # stripping always happens
+def test_the_prediction_is_always_normalised():
+    # The official evaluation normalises the prediction whatever the references are.
+    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0
+    assert vqa_accuracy("The Yes!", ["yes"] * 10) == 1.0
+    assert vqa_accuracy(" 2\n", ["2"] * 10) == 1.0
 
 
-def test_mixed_answers_are_normalised():
+def test_identical_references_are_taken_as_they_are():
+    # All ten references agree, so the official script compares them raw with the normalised prediction:
+    # a reference that is not already in normalised form can never be matched.
+    assert vqa_accuracy("two", ["two"] * 10) == 0.0
+    assert vqa_accuracy("Yes", ["Yes"] * 10) == 0.0
+    assert vqa_accuracy("a dog", ["a dog"] * 10) == 0.0
+
+
+def test_differing_references_get_punctuation_processing_only():
     answers = ["2"] * 4 + ["3"] * 6
     assert vqa_accuracy("Two", answers) == 1.0
-    answers = ["dog"] * 5 + ["puppy"] * 5
-    assert vqa_accuracy("the dog", answers) == 1.0
+    assert vqa_accuracy("the dog", ["dog"] * 5 + ["puppy"] * 5) == 1.0
     assert vqa_accuracy("yes.", ["yes"] * 5 + ["no"] * 5) == 1.0
     assert vqa_accuracy("dont know", ["don't know"] * 5 + ["no"] * 5) == 1.0
-    # The references are normalised too: "The Dog!" and "dog" become the same answer.
-    assert vqa_accuracy("dog", ["The Dog!"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("black/white", ["black/white"] * 3 + ["black"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("dog", ["dog."] * 3 + ["cat"] * 7) == pytest.approx(0.9)  # the period goes
+    # "!" not next to a space becomes a space: the reference is "dog " and never equals a prediction.
+    assert vqa_accuracy("dog", ["dog!"] * 3 + ["cat"] * 7) == 0.0
+    # References are not lowercased, and number words and articles stay.
+    assert vqa_accuracy("dog", ["Dog"] * 3 + ["cat"] * 7) == 0.0
+    assert vqa_accuracy("2", ["two"] * 3 + ["3"] * 7) == 0.0
+    assert vqa_accuracy("dog", ["the dog"] * 3 + ["cat"] * 7) == 0.0
+
+
+def test_accuracy_by_key():
+    scored = [("yes/no", 1.0), ("number", 0.0), ("yes/no", 0.5), ("other", 1.0)]
+    assert accuracy_by(scored) == {"number": 0.0, "other": 1.0, "yes/no": 0.75}
 
 
 def test_leave_one_out_mean_with_ten_answers():
@@ -176,3 +195,44 @@ def test_meteor_process_is_stopped_even_on_failure(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         caption_metrics({"a": "a dog"}, {"a": ["a dog"]})
     assert len(started) == 1 and started[0].meteor_p.poll() is not None
+
+
+@needs_java
+def test_caption_metrics_equal_the_official_coco_caption_evaluation(tmp_path, monkeypatch, capsys):
+    """The same numbers as pycocoevalcap's COCOEvalCap run on COCO-format annotation and result files.
+
+    COCOEvalCap also computes SPICE, which needs Stanford CoreNLP models downloaded on first use; SPICE is not one
+    of our metrics, so it is replaced by a scorer that returns zeros and is not compared.
+    """
+    import json
+
+    from pycocoevalcap import eval as coco_eval
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(res)
+
+        def method(self):
+            return "SPICE"
+
+    predictions = {"a": "a dog runs on the grass", "b": "a man riding a red bike", "c": "two cats on a couch",
+                   "d": "A plate of food."}
+    ids = {key: number for number, key in enumerate(sorted(REFERENCES), start=1)}
+    annotations = {"info": {}, "licenses": [], "type": "captions", "images": [{"id": i} for i in ids.values()],
+                   "annotations": [{"image_id": ids[key], "id": 10 * ids[key] + n, "caption": caption}
+                                   for key, refs in REFERENCES.items() for n, caption in enumerate(refs)]}
+    (tmp_path / "refs.json").write_text(json.dumps(annotations))
+    (tmp_path / "results.json").write_text(json.dumps(
+        [{"image_id": ids[key], "caption": caption} for key, caption in predictions.items()]))
+    monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    coco = COCO(str(tmp_path / "refs.json"))
+    official = coco_eval.COCOEvalCap(coco, coco.loadRes(str(tmp_path / "results.json")))
+    official.evaluate()
+    capsys.readouterr()
+    ours = caption_metrics(predictions, REFERENCES)
+    names = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4", "METEOR": "METEOR",
+             "ROUGE-L": "ROUGE_L", "CIDEr": "CIDEr"}
+    for ours_name, official_name in names.items():
+        assert ours[ours_name] == pytest.approx(official.eval[official_name], abs=1e-12), ours_name
+    assert 0 < ours["CIDEr"] < 3 and 0 < ours["BLEU-4"] < 1
