@@ -66,15 +66,21 @@ class LanguageConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "synthetic"  # dataset name or path to a JSONL file of image, question|caption, answers
+    train: str = "synthetic"  # dataset spec: a name (vqav2, coco-captions, ...), NAME:SOURCE, a JSONL path, a mixture
     eval: str = "synthetic"
-    seed: int = 0  # synthetic world only: the same world (and test set) whatever train.seed is
+    seed: int = 0  # the synthetic world and the subsets drawn: the same test set whatever train.seed is
     train_images: int = 6000  # synthetic world only
     eval_images: int = 400  # synthetic world only
     questions_per_image: int = 3  # synthetic world only
     captions: bool = True  # train and evaluate captioning too (synthetic world)
-    prompt: str = "Question: {question} Answer:"
-    caption_prompt: str = "A short caption:"
+    prompt: str = "Question: {question} Answer:"  # a template name (none, qa, instruct, short) or a template
+    caption_prompt: str = "A short caption:"  # a caption prompt name (none, short, describe, photo) or a text
+    train_size: int = 0  # training examples drawn (0: all), stratified by answer type; mixtures share it by weight
+    eval_size: int = 0  # the same for the val / test examples
+    image_resize: str = "squash"  # squash | pad (keep the aspect ratio, grey borders) | crop (centre square)
+    image_processor: str = ""  # a transformers image processor (hub name or path) that resizes instead
+    image_split: bool = False  # Idefics2-style: 4 crops + the whole image, 5 views through the vision tower
+    random_resize: float = 1.0  # training augmentation: shrink by a random factor in [this, 1]; 1: off
 
 
 @dataclass
@@ -87,6 +93,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     seed: int = 0
+    init_from: str = ""  # a saved model or run directory to start from (e.g. a caption model adapted to VQA)
     precision: str = "auto"  # auto (bf16 where supported, else fp16 + scaler, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
