@@ -18,7 +18,7 @@ from torch import nn
 
 from vlmlab.config import Config, ConfigError, load_config, save_config
 from vlmlab.connectors import build_connector
-from vlmlab.images import load_image, to_pixels
+from vlmlab.images import ImagePrep, load_image, num_views
 from vlmlab.language import LanguageModel, build_language
 from vlmlab.loading import load_exact, refuse_incomplete
 from vlmlab.log import warn
@@ -80,7 +80,8 @@ class VLM(nn.Module):
 
     # -- one image at a time -----------------------------------------------------------------------------------
     def pixels_of(self, images: Iterable[Image.Image | str | Path]) -> torch.Tensor:
-        return torch.stack([to_pixels(load_image(image), self.vision.image_size) for image in images])
+        prep = ImagePrep.from_config(self.config.data, self.vision.image_size)
+        return torch.stack([prep(load_image(image)) for image in images])
 
     def ask(self, image: Image.Image | str | Path, question: str) -> str:
         if not question or not question.strip():
@@ -151,6 +152,7 @@ def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
     vision = build_vision(config.vision)
     language = build_language(config.language, tokenizer)
     num_features, vision_dim = vision.output_shape()
+    num_features *= num_views(config.data)  # image splitting: the views' features are concatenated along N
     connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features)
     model = VLM(vision, connector, language, config)
     for part in ("vision", "language"):

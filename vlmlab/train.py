@@ -155,7 +155,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         info(f"resuming at step {start_step} of {tc.max_steps}")
         truncate_log(out_dir / "train_log.jsonl", start_step)  # the steps after the checkpoint are run again
 
-    dataset = ExampleDataset(train_examples, cfg.data, model.vision.image_size)
+    dataset = ExampleDataset(train_examples, cfg.data, model.vision.image_size, augment=True)
     micro_batch = tc.batch_size // tc.grad_accum
     sampler = StepBatches(image_groups(train_examples), micro_batch, tc.seed, start_step=start_step * tc.grad_accum)
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers,

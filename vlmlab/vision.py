@@ -88,6 +88,9 @@ class VisionTower(nn.Module):
         return length, width
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim == 5:  # image splitting: views [B, V, 3, S, S], each encoded alone -> [B, V * N, Dv]
+            batch, views = pixels.shape[:2]
+            return self(pixels.flatten(0, 1)).unflatten(0, (batch, views)).flatten(1, 2)
         dtype = next(self.model.parameters()).dtype
         pixel_values = ((pixels.float() / 255.0 - self.mean) / self.std).to(dtype)
         if self.feature_layer == -1:  # the common case needs no list of every layer's states

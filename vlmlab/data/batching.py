@@ -7,24 +7,29 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from vlmlab.config import DataConfig
+from vlmlab.config import ConfigError, DataConfig
 from vlmlab.data.example import Example
-from vlmlab.images import ImageError, load_image, to_pixels
+from vlmlab.images import ImageError, ImagePrep, load_image, random_resize
 from vlmlab.log import warn
 from vlmlab.prompts import format_prompt
 
 
 class ExampleDataset(Dataset):
-    """Items are (pixels uint8 `[3, S, S]`, prompt, target, example); an unusable image gives None.
+    """Items are (pixels uint8 `[3, S, S]` or `[5, 3, S, S]`, prompt, target, example); an unusable image gives None.
 
     Pixels are cached per image id: each image of the synthetic world carries ~3 questions and a caption, and
-    decoding + resizing it once instead of every epoch is most of the data loading time on a CPU.
+    decoding + resizing it once instead of every epoch is most of the data loading time on a CPU. A broken image
+    is reported once, counted in `failed`, and its examples are left out of their batches. With `augment`
+    (training), `data.random_resize` is applied to the cached pixels on every visit.
     """
 
-    def __init__(self, examples: list[Example], data: DataConfig, image_size: int):
+    def __init__(self, examples: list[Example], data: DataConfig, image_size: int, augment: bool = False):
+        if not 0 < data.random_resize <= 1:
+            raise ConfigError(f"data.random_resize must be in (0, 1] (1: off), got {data.random_resize}")
         self.examples = examples
         self.data = data
-        self.image_size = image_size
+        self.prep = ImagePrep.from_config(data, image_size)
+        self.min_scale = data.random_resize if augment else 1.0
         self._pixels: dict[str, torch.Tensor] = {}
         self.failed: set[str] = set()
 
@@ -35,7 +40,7 @@ class ExampleDataset(Dataset):
         key = example.image_id or str(id(example.image))
         if key not in self._pixels and key not in self.failed:
             try:
-                self._pixels[key] = to_pixels(load_image(example.image), self.image_size)
+                self._pixels[key] = self.prep(load_image(example.image))
             except ImageError as err:
                 self.failed.add(key)
                 warn(f"image skipped: {err}")
@@ -46,7 +51,8 @@ class ExampleDataset(Dataset):
         pixels = self.pixels(example)
         if pixels is None:
             return None
-        return pixels, format_prompt(self.data, example.question), example.target, example
+        prompt = format_prompt(self.data, example.question)
+        return random_resize(pixels, self.min_scale), prompt, example.target, example
 
 
 def collate(items: list) -> dict | None:
