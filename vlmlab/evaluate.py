@@ -17,8 +17,12 @@ from vlmlab.config import Config
 from vlmlab.data.batching import ExampleDataset
 from vlmlab.data.example import Example
 from vlmlab.log import warn
-from vlmlab.metrics import JavaNotFoundError, caption_metrics, vqa_accuracy
-from vlmlab.prompts import format_prompt
+from vlmlab.metrics import JavaNotFoundError, accuracy_by, caption_metrics, vqa_accuracy
+from vlmlab.prompts import describe_prompts, format_prompt
+
+CIDER_NOTE = ("CIDEr takes its document frequencies from the references of the examples scored here, so it is "
+              "comparable only with CIDEr computed on the same examples (a subset scores differently from the full "
+              "set)")
 
 
 def derangement(image_ids: list[str], seed: int) -> dict[str, str]:
@@ -67,20 +71,19 @@ def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config
 
 
 def score(examples: list[Example], outputs: list[str | None], with_captions: bool) -> dict:
-    """VQA accuracy overall and per question type, caption metrics, and the share of empty outputs."""
-    per_type = defaultdict(list)
+    """VQA accuracy overall, per question type and per answer type, caption metrics, the share of empty outputs."""
     captions, references = {}, {}
     answered = [(e, o) for e, o in zip(examples, outputs) if o is not None]
+    scored = [(e, vqa_accuracy(o, e.answers)) for e, o in answered if not e.is_caption]
+    scores = [s for _, s in scored]
     for example, output in answered:
         if example.is_caption:
             captions[example.example_id] = output
             references[example.example_id] = example.answers
-        else:
-            per_type[example.question_type].append(vqa_accuracy(output, example.answers))
-    scores = [s for values in per_type.values() for s in values]
     result = {
         "vqa_accuracy": sum(scores) / len(scores) if scores else None,
-        "vqa_accuracy_by_type": {kind: sum(v) / len(v) for kind, v in sorted(per_type.items())},
+        "vqa_accuracy_by_type": accuracy_by((e.question_type, s) for e, s in scored),
+        "vqa_accuracy_by_answer_type": accuracy_by((e.answer_type, s) for e, s in scored if e.answer_type),
         "empty_output_rate": sum(not o for _, o in answered) / len(answered) if answered else None,
         "caption": None,
     }
@@ -105,12 +108,15 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
     metrics = {
         "vqa_accuracy": real["vqa_accuracy"],
         "vqa_accuracy_by_type": real["vqa_accuracy_by_type"],
+        "vqa_accuracy_by_answer_type": real["vqa_accuracy_by_answer_type"],
         "caption": real["caption"],
         "empty_output_rate": real["empty_output_rate"],
+        "prompt": describe_prompts(cfg.data),
+        "notes": [CIDER_NOTE] if real["caption"] else [],
     }
     records = [
         {"id": e.example_id, "image_id": e.image_id, "question": e.question, "type": e.question_type,
-         "prediction": o, "answers": e.answers}
+         "answer_type": e.answer_type, "prediction": o, "answers": e.answers}
         for e, o in zip(examples, outputs)
     ]
     if ev.shuffled_control:
@@ -119,6 +125,7 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
         shuffled = score(examples, shuffled_outputs, ev.caption_metrics)
         metrics["vqa_accuracy_shuffled_images"] = shuffled["vqa_accuracy"]
         metrics["vqa_accuracy_by_type_shuffled_images"] = shuffled["vqa_accuracy_by_type"]
+        metrics["vqa_accuracy_by_answer_type_shuffled_images"] = shuffled["vqa_accuracy_by_answer_type"]
         metrics["caption_shuffled_images"] = shuffled["caption"]
         for record, output in zip(records, shuffled_outputs):
             record["prediction_shuffled_images"] = output
@@ -128,6 +135,16 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
     metrics["failed_images"] = len(dataset.failed)
     model.train(was_training)
     return metrics, records
+
+
+def vqa_results(records: list[dict]) -> list[dict]:
+    """The official VQA result file's entries, `{"question_id", "answer"}`, one per question: what the evaluation
+    server and the official evaluation script read. A question whose image could not be used gets "" (a miss)."""
+    return [
+        {"question_id": int(r["id"]) if str(r["id"]).isdigit() else r["id"], "answer": r["prediction"] or ""}
+        for r in records
+        if r["question"] is not None
+    ]
 
 
 def summary_lines(metrics: dict) -> list[str]:
@@ -140,8 +157,10 @@ def summary_lines(metrics: dict) -> list[str]:
         f"VQA accuracy        {pct(metrics.get('vqa_accuracy'))}   "
         f"(shuffled images: {pct(metrics.get('vqa_accuracy_shuffled_images'))})"
     ]
-    shuffled_by_type = metrics.get("vqa_accuracy_by_type_shuffled_images", {})
-    for kind, value in metrics.get("vqa_accuracy_by_type", {}).items():
+    # VQAv2 has 3 answer types and 65 question types: the answer types are the readable breakdown where present.
+    by = "answer_type" if metrics.get("vqa_accuracy_by_answer_type") else "type"
+    shuffled_by_type = metrics.get(f"vqa_accuracy_by_{by}_shuffled_images") or {}
+    for kind, value in metrics.get(f"vqa_accuracy_by_{by}", {}).items():
         lines.append(f"  {kind:<17} {pct(value)}   (shuffled images: {pct(shuffled_by_type.get(kind))})")
     caption, shuffled_caption = metrics.get("caption"), metrics.get("caption_shuffled_images") or {}
     if caption:

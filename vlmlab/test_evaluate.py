@@ -1,7 +1,7 @@
 import pytest
 
 from vlmlab.data.example import Example
-from vlmlab.evaluate import derangement, score, summary_lines
+from vlmlab.evaluate import derangement, score, summary_lines, vqa_results
 
 
 def test_derangement_moves_every_image():
@@ -27,3 +27,21 @@ def test_score_by_type_and_empty_outputs():
     assert result["caption"] is None
     lines = summary_lines({**result, "vqa_accuracy_shuffled_images": 0.25, "num_eval_examples": 3})
     assert "33.3%" in lines[0] and "shuffled images: 25.0%" in lines[0]
+
+
+def test_answer_type_breakdown_and_the_official_result_file():
+    examples = [
+        Example(None, "is it red?", ["yes"] * 10, "is the", "a", "11", answer_type="yes/no"),
+        Example(None, "how many?", ["2"] * 10, "how many", "a", "12", answer_type="number"),
+        Example(None, "is it blue?", ["no"] * 10, "is the", "b", "13", answer_type="yes/no"),
+    ]
+    result = score(examples, ["Yes.", "two", None], with_captions=False)
+    assert result["vqa_accuracy_by_answer_type"] == {"number": 1.0, "yes/no": 1.0}
+    assert result["vqa_accuracy_by_type"] == {"how many": 1.0, "is the": 1.0}
+    lines = summary_lines({**result, "vqa_accuracy_by_answer_type_shuffled_images": {"yes/no": 0.5}})
+    assert lines[1].split()[:2] == ["number", "100.0%"] and "shuffled images: 50.0%" in lines[2]
+    records = [{"id": e.example_id, "question": e.question, "prediction": p}
+               for e, p in zip(examples, ["Yes.", "two", None])]
+    records.append({"id": "img-1", "question": None, "prediction": "a caption"})
+    assert vqa_results(records) == [{"question_id": 11, "answer": "Yes."}, {"question_id": 12, "answer": "two"},
+                                    {"question_id": 13, "answer": ""}]

@@ -15,13 +15,14 @@ class Example:
     reference captions of a captioning example. The first answer is the training target.
     """
 
-    image: Image.Image | str  # a PIL image or a path to one
+    image: Image.Image | str  # a PIL image, a path to one, or a lazy source with `open()` (a hub dataset row)
     question: str | None  # None: a captioning example
     answers: list[str]
     question_type: str = "caption"  # breaks results down by type ("color", "count", ..., "caption")
     image_id: str = ""  # examples of the same image share it (the shuffled-image control swaps by it)
     example_id: str = ""
     extra: dict = field(default_factory=dict)
+    answer_type: str = ""  # VQAv2's "yes/no" | "number" | "other": subsets are stratified and results broken down by it
 
     @property
     def is_caption(self) -> bool:
