@@ -21,6 +21,22 @@ overrides are section.field=value with sections vision, connector, language, dat
 a wrong key is answered with the list of valid ones."""
 
 
+EPILOG_EVAL = """datasets (--data SPEC, eval.split=train|val|test picks the split):
+  synthetic                         the built-in synthetic world
+  data/val.jsonl                    a JSONL file of image, question | caption, answers
+  vqav2:/data/vqa                   v2_OpenEnded_mscoco_val2014_questions.json,
+                                    v2_mscoco_val2014_annotations.json, val2014/
+  okvqa:/data/okvqa                 OpenEnded_mscoco_val2014_questions.json, mscoco_val2014_annotations.json, val2014/
+  textvqa:/data/textvqa             TextVQA_0.5.1_val.json, train_images/
+  coco-captions:/data/coco          dataset_coco.json (Karpathy split), val2014/
+  flickr8k:/data/flickr8k           Flickr8k.token.txt, Flickr_8k.testImages.txt, Flicker8k_Dataset/
+  vqav2 | vqav2:someone/VQAv2       a hub copy (the default one, or a named one; needs `datasets`)
+
+examples:
+  vlmlab eval --model runs/vqa --data vqav2:/data/vqa data.eval_size=5000 --results vqa_results.json
+  vlmlab eval --model runs/cap --data flickr8k:/data/flickr8k --out metrics.json"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmlab",
@@ -36,10 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the last checkpoint in --out")
     train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
 
-    evaluate = commands.add_parser("eval", help="evaluate a trained model; prints metrics JSON")
+    evaluate = commands.add_parser("eval", help="evaluate a trained model; prints metrics JSON",
+                                   epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--model", required=True, type=Path, help="run or model directory")
-    evaluate.add_argument("--data", help="dataset name or JSONL path (default: the model's eval data)")
+    evaluate.add_argument("--data", metavar="SPEC",
+                          help="dataset name, NAME:FOLDER, NAME:HUB_ID or JSONL path (default: the model's eval data)")
     evaluate.add_argument("--out", type=Path, help="also write the metrics JSON here")
+    evaluate.add_argument("--results", type=Path, metavar="FILE",
+                          help='write the VQA answers as the official result file, [{"question_id", "answer"}]')
     evaluate.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. eval.max_examples=200")
 
     ask = commands.add_parser("ask", help="answer a question about an image")
@@ -97,14 +117,16 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from vlmlab.config import apply_overrides
     from vlmlab.data import load_examples
-    from vlmlab.evaluate import evaluate, summary_lines
+    from vlmlab.evaluate import evaluate, summary_lines, vqa_results
     from vlmlab.model import VLM
 
     model = VLM.load(args.model)
     cfg = apply_overrides(model.config, args.overrides)
     spec = args.data or cfg.data.eval
-    metrics, _ = evaluate(model, load_examples(spec, cfg.eval.split, cfg.data), cfg)
+    metrics, records = evaluate(model, load_examples(spec, cfg.eval.split, cfg.data), cfg)
     metrics["data"] = spec
+    if args.results:
+        args.results.write_text(json.dumps(vqa_results(records)) + "\n")
     for line in summary_lines(metrics):
         print(line, file=sys.stderr)
     text = json.dumps(metrics, indent=2)

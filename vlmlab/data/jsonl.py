@@ -4,7 +4,8 @@
     {"image": "images/0002.jpg", "caption": "a dog runs on the beach"}        # or "captions": [...]
 
 `image` paths are relative to the file's folder (or absolute); `answer` may stand for a one-element `answers`;
-`question_type`, `image_id` and `question_id` are optional. A bad line is reported in one line and skipped.
+`question_type`, `answer_type`, `image_id` and `question_id` are optional. A bad line is reported in one line and
+skipped.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ import json
 from pathlib import Path
 
 from vlmlab.data.example import Example
+from vlmlab.data.records import DatasetError
 from vlmlab.log import warn
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be read at all (missing file, nothing usable in it)."""
 
 
 def _example(record: dict, root: Path, number: int) -> Example:
@@ -34,7 +32,8 @@ def _example(record: dict, root: Path, number: int) -> Example:
         if not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError('a question needs "answers" (a list of strings) or "answer"')
         kind = str(record.get("question_type", "vqa"))
-        return Example(image, question, list(answers), kind, image_id, example_id)
+        answer_type = str(record.get("answer_type", ""))
+        return Example(image, question, list(answers), kind, image_id, example_id, answer_type=answer_type)
     captions = record.get("captions", [record["caption"]] if "caption" in record else None)
     if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
         raise ValueError('needs "question" + "answers", or "caption" / "captions"')
@@ -74,5 +73,7 @@ def write_jsonl(examples: list[Example], directory: str | Path) -> Path:
                 record["captions"] = example.answers
             else:
                 record.update(question=example.question, answers=example.answers, question_type=example.question_type)
+                if example.answer_type:
+                    record["answer_type"] = example.answer_type
             out.write(json.dumps(record) + "\n")
     return directory / "data.jsonl"
