@@ -163,6 +163,33 @@ def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
     return model
 
 
+def start_from(directory: str | Path, config: Config) -> VLM:
+    """A saved model to train further under `config` (`train.init_from`), e.g. a caption model adapted to VQA.
+
+    The architecture is the saved model's: its vision, connector and language sections, and data.image_split
+    (which sizes the connector), replace `config`'s; whether each part trains in full or stays frozen is `config`'s
+    choice. A part saved in full is named by its saved folder, so this run's config says where its weights began.
+    """
+    model = VLM.load(directory, device="cpu")
+    saved_at = Path(directory) / "model" if (Path(directory) / "model" / CONFIG_FILE).is_file() else Path(directory)
+    merged = copy.deepcopy(config)
+    merged.connector = copy.deepcopy(model.config.connector)
+    for part in ("vision", "language"):
+        section, mode = copy.deepcopy(getattr(model.config, part)), getattr(config, part).train
+        if mode not in ("full", "frozen"):
+            raise ConfigError(f"{part}.train={mode!r} with train.init_from is not supported; valid: full, frozen")
+        if (saved_at / part / "config.json").is_file():
+            section.model = str(saved_at.resolve() / part)
+        section.train = mode
+        getattr(model, part).requires_grad_(mode == "full")
+        setattr(merged, part, section)
+    if model.language.fusion is not None:  # gated cross-attention blocks train whatever the LM's mode, as built
+        model.language.fusion.requires_grad_(True)
+    merged.data.image_split = model.config.data.image_split
+    model.config = merged
+    return model.train()
+
+
 def describe_parts(model: VLM) -> list[str]:
     """One line per part: what it is, how it is trained, and its parameter counts."""
     rows = []

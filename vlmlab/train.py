@@ -29,7 +29,7 @@ from vlmlab.evaluate import evaluate, summary_lines
 from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace_directory, truncate_log,
                            write_text_atomically)
 from vlmlab.log import info
-from vlmlab.model import VLM, build_vlm, describe_parts, resolve_device
+from vlmlab.model import VLM, build_vlm, describe_parts, resolve_device, start_from
 from vlmlab.prompts import format_prompt
 
 CHECKPOINT_DIR = "checkpoint"
@@ -135,7 +135,12 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     if resume:
         model, state = load_checkpoint(out_dir, device)
     else:
-        model, state = build_vlm(cfg, training_texts(train_examples, cfg.data)).to(device), None
+        if cfg.train.init_from:  # a saved model's architecture and weights; this run's data and training
+            model = start_from(cfg.train.init_from, cfg)
+            cfg = model.config
+        else:
+            model = build_vlm(cfg, training_texts(train_examples, cfg.data))
+        model, state = model.to(device), None
         save_config(cfg, out_dir / "config.yaml")
         (out_dir / "train_log.jsonl").unlink(missing_ok=True)
     tc = cfg.train
@@ -227,6 +232,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     metrics["train_seconds"] = train_seconds
     metrics["train_samples_per_second"] = samples / train_seconds if train_seconds > 0 else None
     metrics["train_steps"] = tc.max_steps
+    metrics["failed_train_images"] = len(dataset.failed)
     metrics.update(guard.counts())
     write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     with (out_dir / "predictions.jsonl").open("w") as out:

@@ -1,0 +1,60 @@
+"""Image splitting through a whole model, and starting a run from a saved model (caption model -> VQA)."""
+
+import json
+
+import torch
+import yaml
+
+from vlmlab import VLM
+from vlmlab.config import DataConfig, apply_overrides
+from vlmlab.data.batching import ExampleDataset, collate
+from vlmlab.data.synthetic import make_split
+from vlmlab.model import build_vlm, start_from
+from vlmlab.presets import get_preset
+from vlmlab.test_model import SMALL
+from vlmlab.train import train, training_texts
+
+
+def test_image_splitting_feeds_five_views_per_image():
+    examples = make_split("train", 3, questions_per_image=1)
+    cfg = apply_overrides(get_preset("default"), [*SMALL, "data.image_split=true", "vision.image_size=32"])
+    model = build_vlm(cfg, training_texts(examples, cfg.data))
+    features_per_view = model.vision.output_shape()[0]
+    assert model.connector.positions.shape[0] == 5 * features_per_view  # the views' features concatenated along N
+    batch = collate([ExampleDataset(examples, cfg.data, 32)[i] for i in range(len(examples))])
+    assert batch["pixels"].shape == (3, 5, 3, 32, 32)
+    assert model.vision(batch["pixels"]).shape[1] == 5 * features_per_view
+    loss = model(batch["pixels"], batch["prompts"], batch["targets"], batch["image_index"])
+    assert torch.isfinite(loss)
+    assert model.pixels_of([examples[0].image]).shape == (1, 5, 3, 32, 32)
+    assert isinstance(model.eval().caption(examples[0].image), str)
+
+
+def test_a_caption_model_starts_a_vqa_run(tmp_path):
+    caption_data = DataConfig(questions_per_image=0, train_images=6)
+    torch.manual_seed(0)
+    captioner = build_vlm(apply_overrides(get_preset("default"), [*SMALL, "connector.num_queries=6"]),
+                          training_texts(make_split("train", 6, questions_per_image=0), caption_data))
+    captioner.save(tmp_path / "captioner")
+
+    # The VQA run asks for another connector size and a frozen tower: the saved architecture wins, the freezing holds.
+    vqa = apply_overrides(get_preset("default"), [*SMALL, "connector.num_queries=16", "vision.train=frozen",
+                                                  f"train.init_from={tmp_path / 'captioner'}", "data.captions=false"])
+    model = start_from(tmp_path / "captioner", vqa)
+    assert model.config.connector.num_queries == 6 and model.config.data.captions is False
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert all(p.requires_grad for p in model.connector.parameters())
+    for name, value in captioner.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+
+    fast = ["data.train_images=4", "data.eval_images=2", "train.batch_size=4", "train.max_steps=1",
+            "train.eval_every=0", "train.warmup_steps=1", "eval.caption_metrics=false", "eval.shuffled_control=false"]
+    metrics = train(apply_overrides(vqa, fast), tmp_path / "run")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["connector"]["num_queries"] == 6 and saved["train"]["init_from"] == str(tmp_path / "captioner")
+    assert saved["vision"]["model"] == str((tmp_path / "captioner" / "vision").resolve())  # where its weights began
+    assert metrics["num_caption_examples"] == 0 and metrics["failed_train_images"] == 0
+    trained = VLM.load(tmp_path / "run")
+    assert torch.equal(trained.vision.state_dict()["model.embeddings.patch_embedding.weight"],
+                       captioner.vision.state_dict()["model.embeddings.patch_embedding.weight"])  # frozen
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["prompt"]["vqa"]["name"] == "qa"
