@@ -177,7 +177,8 @@ MINIMUM = {
     "vision.num_heads": 1, "connector.num_queries": 1, "connector.hidden_size": 1, "connector.num_layers": 0,
     "connector.num_heads": 1, "connector.dropout": 0.0, "language.hidden_size": 1, "language.num_layers": 1,
     "language.num_heads": 1, "language.max_prompt_tokens": 2, "language.max_target_tokens": 2,
-    "data.train_images": 1, "data.eval_images": 1, "data.questions_per_image": 0,
+    "data.train_images": 1, "data.eval_images": 1, "data.questions_per_image": 0, "data.train_size": 0,
+    "data.eval_size": 0,
     "train.max_steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.weight_decay": 0.0,
     "train.warmup_steps": 0, "train.num_workers": 0, "train.log_every": 1, "train.eval_every": 0,
     "train.eval_examples": 1, "train.save_every": 0, "train.max_bad_steps": 1,
@@ -186,7 +187,7 @@ MINIMUM = {
     "eval.max_examples": 0, "eval.batch_size": 1, "eval.max_new_tokens": 1, "eval.caption_max_new_tokens": 1,
     "eval.min_new_tokens": 0, "eval.num_beams": 1,
 }
-POSITIVE = ("train.lr", "train.grad_clip")
+POSITIVE = ("train.lr", "train.grad_clip", "data.random_resize")
 CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16")}
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
