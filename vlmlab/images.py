@@ -154,8 +154,12 @@ def _limit_aspect(image: Image.Image, ratio: int) -> Image.Image:
     return canvas
 
 
+def _as_array(image: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))  # [3, H, W]
+
+
 def _as_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+    return torch.from_numpy(_as_array(image))
 
 
 def to_pixels(image: Image.Image, size: int, resize: str = "squash") -> torch.Tensor:
@@ -183,22 +187,23 @@ class ImagePrep:
             _load_processor(data.image_processor)
         return cls(size, data.image_resize, data.image_split, data.image_processor)
 
-    def _view(self, image: Image.Image) -> torch.Tensor:
+    def _view(self, image: Image.Image) -> np.ndarray:
         if not self.processor:
-            return to_pixels(image, self.size, self.resize)
+            return _as_array(lookup(RESIZE_MODES, self.resize, "data.image_resize")(image, self.size))
         out = _load_processor(self.processor)(
             images=_limit_aspect(image, MAX_PROCESSOR_ASPECT), do_rescale=False, do_normalize=False,
-            return_tensors="pt",
+            return_tensors="pt",  # what every processor, PIL- or torchvision-based, returns
         )["pixel_values"][0]  # [3, H, W], values 0..255 (resampling may overshoot)
-        pixels = out.float().clamp(0, 255).round().to(torch.uint8)
+        pixels = np.clip(np.rint(out.float().numpy()), 0, 255).astype(np.uint8)
         if pixels.shape[-2:] != (self.size, self.size):  # a processor made for another resolution
-            pixels = _as_tensor(_squash(Image.fromarray(pixels.permute(1, 2, 0).numpy()), self.size))
+            pixels = _as_array(_squash(Image.fromarray(pixels.transpose(1, 2, 0)), self.size))
         return pixels
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        # Built in NumPy: torch's threaded kernels gain nothing on tensors this small and stall on a busy CPU.
         if not self.split:
-            return self._view(image)
-        return torch.stack([self._view(view) for view in [*quadrants(image), image]])  # [5, 3, S, S]
+            return torch.from_numpy(self._view(image))
+        return torch.from_numpy(np.stack([self._view(view) for view in [*quadrants(image), image]]))  # [5, 3, S, S]
 
 
 def num_views(data: DataConfig) -> int:

@@ -11,6 +11,7 @@ Our `test` split is each dataset's validation split, where the papers report (th
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -62,15 +63,16 @@ def read_vqa_files(root: Path, split: str, files: tuple[str, str], dataset: str)
     questions_file, annotations_file = (root / name.format(split=coco_split) for name in files)
     if not questions_file.is_file() or not annotations_file.is_file():
         raise MissingFiles(f"{root}: needs {questions_file.name} and {annotations_file.name} (the official files)")
-    images = require_folder(root / coco_split, f"COCO's {coco_split} images; put or link it there")
+    images = str(require_folder(root / coco_split, f"COCO's {coco_split} images; put or link it there"))
     annotations = {item["question_id"]: item for item in read_json(annotations_file).get("annotations", [])}
     collector = Collector(f"{dataset} {questions_file.name}")
     for number, question in enumerate(read_json(questions_file).get("questions", [])):
 
         def build(question=question):
             record = {**annotations[question["question_id"]], **question}
-            image = images / f"COCO_{coco_split}_{int(record['image_id']):012d}.jpg"
-            return [vqa_example(record, str(image), f"coco-{record['image_id']}", dataset)]
+            # os.path, not pathlib: a third of the time of reading VQAv2's 443k training questions
+            image = os.path.join(images, f"COCO_{coco_split}_{int(record['image_id']):012d}.jpg")
+            return [vqa_example(record, image, f"coco-{record['image_id']}", dataset)]
 
         collector.add(f"question {question.get('question_id', number)}", build)
     return collector.result()
