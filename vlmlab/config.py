@@ -97,6 +97,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where supported, else fp16 + scaler, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
+    feature_cache: str = "auto"  # tower features once per image, on disk: auto (frozen, no augmentation) | on | off
+    feature_cache_dir: str = ""  # "": <out>/feature_cache; one folder can serve many runs (keyed by tower, image)
+    compile: bool = False  # torch.compile the tower, connector and LM (pays off on a GPU; first steps compile)
     log_every: int = 25
     eval_every: int = 250  # 0: no evaluation during training
     eval_examples: int = 256  # size of the validation sample used during training
@@ -188,7 +191,7 @@ MINIMUM = {
     "eval.min_new_tokens": 0, "eval.num_beams": 1,
 }
 POSITIVE = ("train.lr", "train.grad_clip", "data.random_resize")
-CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16")}
+CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.feature_cache": ("auto", "on", "off")}
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 

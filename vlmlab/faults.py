@@ -112,15 +112,17 @@ def truncate_log(path: Path, step: int) -> None:
 def split_batch(batch: dict, size: int) -> list[dict]:
     """Cuts a collated batch into batches of at most `size` consecutive examples, each carrying only its images.
 
-    `pixels` `[U, 3, S, S]` holds each distinct image once and `image_index` `[B]` points into it; each piece gets
-    the images its examples show, re-indexed. Other list fields (prompts, targets, examples) are sliced.
+    `pixels` `[U, 3, S, S]` (or cached `features` `[U, N, Dv]`) holds each distinct image once and `image_index`
+    `[B]` points into it; each piece gets the images its examples show, re-indexed. Other list fields (prompts,
+    targets, examples) are sliced.
     """
     pieces = []
+    per_image = "features" if "features" in batch else "pixels"
     for start in range(0, len(batch["prompts"]), size):
         chosen = slice(start, start + size)
         images, index = torch.unique(batch["image_index"][chosen], return_inverse=True)
         pieces.append({**{key: value[chosen] for key, value in batch.items() if isinstance(value, list)},
-                       "pixels": batch["pixels"][images], "image_index": index})
+                       per_image: batch[per_image][images], "image_index": index})
     return pieces
 
 

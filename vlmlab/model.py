@@ -56,18 +56,23 @@ class VLM(nn.Module):
         return next(self.parameters()).device
 
     # -- core --------------------------------------------------------------------------------------------------
-    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels `[B, 3, S, S]` -> visual tokens `[B, M, Dl]`."""
-        return self.connector(self.vision(pixels.to(self.device)))
+    def visual_tokens(self, pixels: torch.Tensor | None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 pixels `[B, 3, S, S]` -> visual tokens `[B, M, Dl]`; or the tower's `features` `[B, N, Dv]`
+        computed before (a frozen tower's, from the feature cache), which skips the tower."""
+        if features is None:
+            features = self.vision(pixels.to(self.device, non_blocking=True))
+        else:  # stored in fp16; the connector computes in its own dtype (autocast lowers it where asked)
+            features = features.to(self.device, next(self.connector.parameters()).dtype, non_blocking=True)
+        return self.connector(features)
 
-    def forward(self, pixels: torch.Tensor, prompts: list[str], targets: list[str],
-                image_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor | None, prompts: list[str], targets: list[str],
+                image_index: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss of a batch: mean cross-entropy over the answer tokens.
 
-        `pixels` `[U, 3, S, S]` holds each distinct image once; `image_index` `[B]` picks each example's image
-        (None: one image per example).
+        `pixels` `[U, 3, S, S]` (or cached `features` `[U, N, Dv]`, pixels None) holds each distinct image once;
+        `image_index` `[B]` picks each example's image (None: one image per example).
         """
-        visual = self.visual_tokens(pixels)  # [U, M, Dl]
+        visual = self.visual_tokens(pixels, features)  # [U, M, Dl]
         if image_index is not None:
             visual = visual[image_index.to(visual.device)]  # [B, M, Dl]
         lm = self.language
