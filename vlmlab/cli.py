@@ -1,4 +1,4 @@
-"""The `vlmlab` command: train, eval, ask, caption, diagnose, presets.
+"""The `vlmlab` command: train, eval, ask, caption, diagnose, presets, plan, export.
 
 Every error a user can cause (a bad config key, a missing file, a broken image) ends as one line on stderr and a
 non-zero exit; `caption` goes on past a bad image and exits 1 when any image failed.
@@ -86,6 +86,28 @@ def _parser() -> argparse.ArgumentParser:
                           help="e.g. eval.split=val eval.caption_metrics=false")
 
     commands.add_parser("presets", help="list the presets")
+
+    plan = commands.add_parser(
+        "plan", help="will a preset fit a GPU? peak memory, and the micro-batch / checkpointing that fit",
+        description="Simulates one training step of the config at its real size (fake tensors: nothing is "
+                    "downloaded or allocated) and reports its peak GPU memory for each candidate micro-batch, "
+                    "gradient accumulation and gradient checkpointing, then proposes the first that fits.",
+        epilog="example:\n  vlmlab plan --preset recommended --gpu t4\n  vlmlab plan --preset recommended-t5-large "
+               "--gpu t4 train.batch_size=64", formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("--preset", required=True, help="named preset (see `vlmlab presets`)")
+    plan.add_argument("--gpu", required=True, choices=["t4", "l4", "a100-40g", "a100-80g"], help="the GPU")
+    plan.add_argument("--config", type=Path, help="YAML file of sections and fields, applied over the preset")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
+    export = commands.add_parser(
+        "export", help="copy a trained model to a folder of its own, optionally with LoRA/DoRA merged in",
+        description="Writes the model of a run (or model) directory to --out. A LoRA/DoRA part is kept as its "
+                    "adapter and the base model's name unless --merge folds the adapter into the base weights, "
+                    "which stores that part in full and makes it a plain transformers model again.")
+    export.add_argument("--model", required=True, type=Path, help="run or model directory")
+    export.add_argument("--out", required=True, type=Path, help="folder to write the model to")
+    export.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into their base weights")
     return parser
 
 
@@ -178,6 +200,32 @@ def _diagnose(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from vlmlab.config import apply_overrides, merge_config_file
+    from vlmlab.plan import plan, plan_lines
+    from vlmlab.presets import get_preset
+
+    cfg = get_preset(args.preset)
+    if args.config:
+        cfg = merge_config_file(args.config, base=cfg)
+    result = plan(apply_overrides(cfg, args.overrides), args.gpu)
+    print(json.dumps({"preset": args.preset, **result}, indent=2) if args.json
+          else "\n".join(plan_lines(args.preset, result)))
+    return 0
+
+
+def _export(args) -> int:
+    from vlmlab.model import VLM
+
+    model = VLM.load(args.model, device="cpu")
+    merged = model.merge_adapters() if args.merge else []
+    model.save(args.out)
+    size = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
+    merged_text = f", adapters merged into {' and '.join(merged)}" if merged else ""
+    print(f"model written to {args.out} ({size / 2**20:.1f} MiB{merged_text})")
+    return 0
+
+
 def _presets(args) -> int:
     from vlmlab.presets import describe_presets
 
@@ -186,7 +234,7 @@ def _presets(args) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "ask": _ask, "caption": _caption, "diagnose": _diagnose,
-            "presets": _presets}
+            "presets": _presets, "plan": _plan, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,11 @@ class ConfigError(ValueError):
 class VisionConfig:
     model: str = ""  # hub name or local path; "" builds a tiny tower of `family` from scratch
     family: str = "clip"  # tiny tower's transformers family: clip | siglip | resnet
-    train: str = "full"  # full | frozen
+    train: str = "full"  # full | frozen | lora | dora (lora/dora need model=)
+    lora_rank: int = 16  # train=lora|dora: rank r of the adapters
+    lora_alpha: int = 32  # adapter scale alpha / r
+    lora_dropout: float = 0.05
+    lora_targets: str = "attention"  # attention | attention+mlp | comma-separated module names
     feature_layer: int = -1  # index into the tower's hidden states; -2 is the usual LLaVA choice
     image_size: int = 64  # tiny tower, or a pretrained tower whose config names no size (convnets)
     patch_size: int = 8  # tiny ViT only
@@ -48,7 +52,11 @@ class ConnectorConfig:
 class LanguageConfig:
     model: str = ""  # hub name or local path; "" builds a tiny LM of `family` with a tokenizer trained on the data
     family: str = "t5"  # tiny LM's transformers family: t5 | gpt2 | llama
-    train: str = "full"  # full | frozen
+    train: str = "full"  # full | frozen | lora | dora (lora/dora need model=)
+    lora_rank: int = 16  # train=lora|dora: rank r of the adapters
+    lora_alpha: int = 32  # adapter scale alpha / r
+    lora_dropout: float = 0.05
+    lora_targets: str = "attention"  # attention | attention+mlp | comma-separated module names
     hidden_size: int = 128  # tiny LM only
     num_layers: int = 2
     num_heads: int = 4
@@ -90,6 +98,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-3
     weight_decay: float = 0.01
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit states: a quarter of AdamW's memory; CUDA)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     warmup_steps: int = 100
     grad_clip: float = 1.0
     seed: int = 0

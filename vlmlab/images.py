@@ -30,6 +30,7 @@ Image.MAX_IMAGE_PIXELS = 90_000_000
 GREY = 127  # padding colour: close to every tower's mean, so padding normalises to about 0
 NUM_SPLIT_VIEWS = 5  # image splitting: 4 crops + the whole image
 MAX_PROCESSOR_ASPECT = 8  # wider images are padded to 8:1 before a shortest-edge processor can blow them up
+MAX_PROCESSOR_SIDE = 4096  # ... after their long side is brought down to this
 
 
 class ImageError(ValueError):
@@ -145,9 +146,14 @@ def _load_processor(name: str):
 
 
 def _limit_aspect(image: Image.Image, ratio: int) -> Image.Image:
+    """Pads an image wider (or taller) than ratio:1 to ratio:1, first shrinking its long side to MAX_PROCESSOR_SIDE."""
     width, height = image.size
     if max(width, height) <= ratio * min(width, height):
         return image
+    if max(width, height) > MAX_PROCESSOR_SIDE:
+        scale = MAX_PROCESSOR_SIDE / max(width, height)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+        width, height = image.size
     long = max(width, height)
     canvas = Image.new("RGB", (long, -(-long // ratio)) if width > height else (-(-long // ratio), long), (GREY,) * 3)
     canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))

@@ -113,9 +113,37 @@ def _pad_stack(rows: list[torch.Tensor], pad_value, left: bool) -> tuple[torch.T
     return stacked, mask
 
 
+def _fp32_under_fp16_autocast(forward: Callable) -> Callable:
+    def run(hidden: torch.Tensor, *args, **kwargs):
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+            with torch.autocast(device, enabled=False):
+                return forward(hidden.float(), *args, **kwargs)
+        return forward(hidden, *args, **kwargs)
+
+    return run
+
+
+def keep_fp32_modules(model: nn.Module) -> None:
+    """Runs the modules transformers lists in `_keep_in_fp32_modules` in fp32 whenever fp16 autocast is on.
+
+    Why: T5's feed-forward output projection `wo` produces activations beyond fp16's range (65504) in the
+    pretrained Flan-T5 checkpoints, so fp16 training on a T4 turns them into inf and the loss into NaN.
+    transformers keeps those weights in fp32 when a model is loaded in fp16, but under autocast a Linear still
+    computes in fp16 whatever its weight's dtype; so their forward runs with autocast off, on fp32 inputs.
+    bf16 has fp32's range and needs none of this. The forward is replaced on the instance: the weights, their
+    names and `save_pretrained` stay exactly transformers'.
+    """
+    names = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for path, module in model.named_modules():
+        if path.rpartition(".")[2] in names:
+            module.forward = _fp32_under_fp16_autocast(module.forward)
+
+
 class LanguageModel(nn.Module):
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: LanguageConfig):
         super().__init__()
+        keep_fp32_modules(model)
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_tokens = cfg.max_prompt_tokens

@@ -2,7 +2,9 @@
 
 A saved model directory holds `config.yaml` (resolved), `vision/` and `language/` (`save_pretrained`, safetensors,
 tokenizer included) and `connector.safetensors`; `VLM.load` rebuilds each part from there by local path, the
-same code that loads hub names.
+same code that loads hub names. A part whose base weights are those of its named checkpoint (frozen, LoRA, DoRA)
+is saved by reference instead: its folder holds only the adapter (tuning.py), and loading takes the base from
+the name in `config.yaml` again.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from vlmlab.loading import load_exact, refuse_incomplete
 from vlmlab.log import warn
 from vlmlab.prompts import format_prompt
 from vlmlab.tokenizer import train_tokenizer
+from vlmlab.tuning import (apply_tuning, check_modes, is_adapted, load_reference, merge_adapter, save_reference,
+                           saved_by_reference)
 from vlmlab.vision import VisionTower, build_vision
 
 CONFIG_FILE = "config.yaml"
 CONNECTOR_FILE = "connector.safetensors"
-TRAIN_MODES = ("full", "frozen")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,10 +118,27 @@ class VLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_config(self.config, directory / CONFIG_FILE)
-        self.vision.save(directory / "vision")
-        self.language.save(directory / "language")
+        for name in ("vision", "language"):
+            if saved_by_reference(getattr(self.config, name)):
+                save_reference(getattr(self, name), directory / name)
+            else:
+                getattr(self, name).save(directory / name)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.connector.state_dict().items()}
         save_file(state, directory / CONNECTOR_FILE)
+
+    def merge_adapters(self) -> list[str]:
+        """Folds each part's LoRA/DoRA adapter into its base weights, in place; returns the parts merged.
+
+        A merged part is a plain transformers model again (no adapter arithmetic at inference) and is saved in
+        full, so its config says `train: full`.
+        """
+        merged = []
+        for name in ("vision", "language"):
+            if is_adapted(getattr(self, name).model):
+                merge_adapter(getattr(self, name))
+                getattr(self.config, name).train = "full"
+                merged.append(name)
+        return merged
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto") -> VLM:
@@ -130,14 +150,18 @@ class VLM(nn.Module):
             raise FileNotFoundError(f"{directory}: no saved vlmlab model here (no {CONFIG_FILE})")
         config = load_config(directory / CONFIG_FILE)
         parts = copy.deepcopy(config)
-        parts.vision.model = str(directory / "vision")
-        parts.language.model = str(directory / "language")
+        for part in ("vision", "language"):
+            if not saved_by_reference(getattr(config, part)):
+                getattr(parts, part).model = str(directory / part)
         model = build_vlm(parts)
         model.config = config
         # A saved model must be complete: weights missing from a part, or a connector built by config.yaml that
         # its saved weights do not fit, is refused rather than filled with random values.
         for part in ("vision", "language"):
-            refuse_incomplete(getattr(model, part).model, directory / part)
+            if saved_by_reference(getattr(config, part)):  # a base by name: only its adapter is ours to check
+                load_reference(getattr(model, part), directory / part)
+            else:
+                refuse_incomplete(getattr(model, part).model, directory / part)
         connector_config = ", ".join(f"connector.{k}={v!r}" for k, v in vars(config.connector).items())
         load_exact(model.connector, directory / CONNECTOR_FILE, f"{CONFIG_FILE} ({connector_config})")
         return model.to(resolve_device(device)).eval()
@@ -145,10 +169,7 @@ class VLM(nn.Module):
 
 def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
     """Builds the three parts; a tiny LM gets a tokenizer trained on `texts` (the training prompts and targets)."""
-    for part in ("vision", "language"):
-        mode = getattr(config, part).train
-        if mode not in TRAIN_MODES:
-            raise ConfigError(f"{part}.train={mode!r} is not allowed; valid: {', '.join(TRAIN_MODES)}")
+    check_modes(config)
     tokenizer = None
     if not config.language.model:
         if texts is None:
@@ -156,13 +177,17 @@ def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
         tokenizer = train_tokenizer(texts, config.language.vocab_size)
     vision = build_vision(config.vision)
     language = build_language(config.language, tokenizer)
+    return assemble_vlm(vision, language, config)
+
+
+def assemble_vlm(vision: VisionTower, language: LanguageModel, config: Config) -> VLM:
+    """Adds the connector that fits `vision` to `language`, and sets how each part trains (tuning.py)."""
     num_features, vision_dim = vision.output_shape()
     num_features *= num_views(config.data)  # image splitting: the views' features are concatenated along N
     connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features)
     model = VLM(vision, connector, language, config)
     for part in ("vision", "language"):
-        if getattr(config, part).train == "frozen":
-            getattr(model, part).requires_grad_(False)
+        apply_tuning(getattr(model, part), getattr(config, part), part)
     if language.fusion is not None:  # new gated cross-attention blocks train whatever the LM's mode (fusion.py)
         language.fusion.requires_grad_(True)
     return model

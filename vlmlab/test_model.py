@@ -8,7 +8,7 @@ from vlmlab import VLM
 from vlmlab.config import Config, ConfigError, DataConfig, apply_overrides
 from vlmlab.data.synthetic import make_split
 from vlmlab.model import build_vlm, describe_parts
-from vlmlab.presets import PRESETS, get_preset
+from vlmlab.presets import TINY_PRESETS, get_preset
 from vlmlab.train import training_texts
 
 SMALL = ["vision.hidden_size=32", "vision.num_layers=1", "vision.num_heads=2", "connector.hidden_size=32",
@@ -25,7 +25,7 @@ def small(preset: str, *overrides: str) -> Config:
     return apply_overrides(get_preset(preset), [*SMALL, *overrides])
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(TINY_PRESETS))
 def test_every_preset_builds_at_its_real_size(preset, examples):
     model = build_vlm(get_preset(preset), training_texts(examples, DataConfig()))
     lines = describe_parts(model)
@@ -50,7 +50,7 @@ def _batch(model, examples):
     return pixels, prompts, [e.target for e in examples]
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(TINY_PRESETS))
 def test_save_load_gives_identical_outputs(preset, examples, tmp_path):
     torch.manual_seed(0)
     model = build_vlm(small(preset), training_texts(examples, DataConfig())).eval()
@@ -63,7 +63,7 @@ def test_save_load_gives_identical_outputs(preset, examples, tmp_path):
     assert model.generate(pixels, prompts, 6) == loaded.generate(pixels, prompts, 6)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(TINY_PRESETS))
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_batched_generation_equals_one_at_a_time(preset, num_beams, examples):
     torch.manual_seed(1)
@@ -78,7 +78,7 @@ def test_batched_generation_equals_one_at_a_time(preset, num_beams, examples):
     assert any(text for text in batched), "a random tiny model still says something"
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(TINY_PRESETS))
 def test_overfits_one_batch(preset, examples):
     torch.manual_seed(0)
     model = build_vlm(small(preset, "connector.num_queries=8"), training_texts(examples, DataConfig()))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vlmlab.config import Config, DataConfig, load_config, save_config, validate
+from vlmlab.config import Config, ConfigError, DataConfig, load_config, save_config, validate
 from vlmlab.data import load_examples
 from vlmlab.data.batching import ExampleDataset, StepBatches, collate, image_groups
 from vlmlab.diagnose import ConditioningAlarm
@@ -31,6 +31,8 @@ from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace
 from vlmlab.log import info
 from vlmlab.model import VLM, build_vlm, describe_parts, resolve_device, start_from
 from vlmlab.prompts import format_prompt
+from vlmlab.registry import lookup
+from vlmlab.tuning import enable_gradient_checkpointing
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
@@ -72,6 +74,23 @@ def training_texts(examples, data: DataConfig) -> list[str]:
     return texts
 
 
+def _adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+
+
+def _adamw_8bit(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with 8-bit moment estimates (bitsandbytes): 2 bytes of state per trained weight instead of 8."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("train.optimizer=adamw8bit needs the bitsandbytes package (pip install bitsandbytes, "
+                          "on a CUDA GPU); or use train.optimizer=adamw") from None
+    return bitsandbytes.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.98))
+
+
+OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw_8bit}
+
+
 def make_optimizer(model: VLM, cfg: Config) -> torch.optim.Optimizer:
     # No weight decay on biases, norms and learned query vectors' 1-d parameters.
     decay, no_decay = [], []
@@ -79,8 +98,7 @@ def make_optimizer(model: VLM, cfg: Config) -> torch.optim.Optimizer:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = model.device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98), fused=fused)
+    return lookup(OPTIMIZERS, cfg.train.optimizer, "train.optimizer")(groups, cfg.train.lr, model.device)
 
 
 def save_checkpoint(out_dir: Path, model: VLM, optimizer, scheduler, scaler, step: int) -> None:
@@ -146,6 +164,9 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     tc = cfg.train
     for line in describe_parts(model):
         info(line)
+    if tc.gradient_checkpointing:
+        checkpointed = enable_gradient_checkpointing([model.vision, model.language])
+        info(f"gradient checkpointing: {', '.join(checkpointed) or 'no trained transformers part to apply it to'}")
 
     amp_dtype = resolve_precision(tc.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
