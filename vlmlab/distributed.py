@@ -68,8 +68,7 @@ class Processes:
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
             return tensor
-        # gloo reduces CPU tensors; NCCL only CUDA ones
-        moved = tensor.to(self.device)
+        moved = tensor.to(self.device, copy=True)  # NCCL reduces CUDA tensors only; a copy keeps `tensor` as it was
         torch.distributed.all_reduce(moved)
         return moved.cpu()
 

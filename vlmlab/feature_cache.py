@@ -141,6 +141,7 @@ def fill(store: FeatureStore, vision: VisionTower, prep: ImagePrep, images: dict
     """Computes the features of the images (hash -> image) that `store` lacks, this process's share of them, into
     one new shard; returns how many were missing over all processes."""
     missing = sorted(digest for digest in images if digest not in store)
+    processes.barrier()  # every process lists the same missing images before any of them writes a shard
     mine = missing[processes.rank :: processes.world]
     device = vision.mean.device
     autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()

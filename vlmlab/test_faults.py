@@ -43,9 +43,9 @@ def _inject(monkeypatch, fault):
     """Wraps the model's forward pass: `fault(call, batch_size, loss)` may raise or return a changed loss."""
     real_forward, calls = VLM.forward, []
 
-    def forward(self, pixels, prompts, targets, image_index=None):
+    def forward(self, pixels, prompts, targets, image_index=None, features=None):
         calls.append(len(prompts))
-        return fault(len(calls), len(prompts), real_forward(self, pixels, prompts, targets, image_index))
+        return fault(len(calls), len(prompts), real_forward(self, pixels, prompts, targets, image_index, features))
 
     monkeypatch.setattr(VLM, "forward", forward)
     return calls

@@ -13,6 +13,7 @@ import json
 import pickle
 import random
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,15 @@ from transformers import get_cosine_schedule_with_warmup
 
 from vlmlab.config import Config, ConfigError, DataConfig, load_config, save_config, validate
 from vlmlab.data import load_examples
-from vlmlab.data.batching import ExampleDataset, StepBatches, collate, image_groups
+from vlmlab.data.batching import StepBatches, image_groups
 from vlmlab.diagnose import ConditioningAlarm
+from vlmlab.distributed import start_processes
 from vlmlab.evaluate import evaluate, summary_lines
+from vlmlab.feature_cache import training_data
 from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace_directory, truncate_log,
                            write_text_atomically)
 from vlmlab.log import info
-from vlmlab.model import VLM, build_vlm, describe_parts, resolve_device, start_from
+from vlmlab.model import VLM, build_vlm, describe_parts, start_from
 from vlmlab.prompts import format_prompt
 from vlmlab.registry import lookup
 from vlmlab.tuning import enable_gradient_checkpointing
@@ -145,7 +148,8 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         cfg = load_config(out_dir / "config.yaml")
     validate(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
+    processes = start_processes(cfg.train.device)  # this one, or one of several under `accelerate launch`
+    device = processes.device
     seed_everything(cfg.train.seed)
 
     train_examples = load_examples(cfg.data.train, "train", cfg.data)
@@ -159,14 +163,18 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         else:
             model = build_vlm(cfg, training_texts(train_examples, cfg.data))
         model, state = model.to(device), None
-        save_config(cfg, out_dir / "config.yaml")
-        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+        if processes.is_main:
+            save_config(cfg, out_dir / "config.yaml")
+            (out_dir / "train_log.jsonl").unlink(missing_ok=True)
     tc = cfg.train
     for line in describe_parts(model):
         info(line)
     if tc.gradient_checkpointing:
         checkpointed = enable_gradient_checkpointing([model.vision, model.language])
         info(f"gradient checkpointing: {', '.join(checkpointed) or 'no trained transformers part to apply it to'}")
+    if tc.compile:  # compiled in place: parameter names, saving and loading stay as they are
+        for part in (model.vision.model, model.connector, model.language.model):
+            part.compile()
 
     amp_dtype = resolve_precision(tc.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -179,13 +187,16 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
         info(f"resuming at step {start_step} of {tc.max_steps}")
-        truncate_log(out_dir / "train_log.jsonl", start_step)  # the steps after the checkpoint are run again
+        if processes.is_main:  # the steps after the checkpoint are run again
+            truncate_log(out_dir / "train_log.jsonl", start_step)
+        processes.barrier()  # every process reads the log cut back (FaultGuard.resume)
 
-    dataset = ExampleDataset(train_examples, cfg.data, model.vision.image_size, augment=True)
     micro_batch = tc.batch_size // tc.grad_accum
     sampler = StepBatches(image_groups(train_examples), micro_batch, tc.seed, start_step=start_step * tc.grad_accum)
-    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers,
-                             pin_memory=device.type == "cuda"))
+    planned = islice(sampler, (tc.max_steps - start_step) * tc.grad_accum)
+    dataset, collate_fn = training_data(model, train_examples, cfg, out_dir, planned, amp_dtype, processes)
+    loader = iter(DataLoader(dataset, batch_sampler=processes.shard(sampler), collate_fn=collate_fn,
+                             num_workers=tc.num_workers, pin_memory=device.type == "cuda"))
     if state is not None:  # after the loader: starting it draws a seed from torch's RNG, as it did in the first run
         set_rng_state(state["rng"])
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext())
@@ -194,21 +205,29 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     alarm = ConditioningAlarm(cfg, val_examples, model.vision.image_size)  # warns when the image stops mattering
 
     log_path = out_dir / "train_log.jsonl"
-    guard = FaultGuard(tc.max_bad_steps, micro_batch, tc.grad_accum, model.language.answer_tokens,
-                       lambda record: append_log(log_path, record))
+
+    def log(record: dict) -> None:
+        if processes.is_main:  # one log, however many processes
+            append_log(log_path, record)
+
+    guard = FaultGuard(tc.max_bad_steps, micro_batch, tc.grad_accum, model.language.answer_tokens, log)
     guard.resume(log_path, start_step)
+
+    forward = processes.wrap(model)  # DDP under several processes
 
     def backward(batch: dict, share: float) -> float:
         """Forward and backward of a micro-batch, or of a piece of one holding `share` of its loss."""
         with autocast:
-            loss = model(batch["pixels"], batch["prompts"], batch["targets"], batch["image_index"]) * share
+            loss = forward(batch.get("pixels"), batch["prompts"], batch["targets"], batch["image_index"],
+                           features=batch.get("features")) * share * batch["loss_weight"][0]
             loss = loss / tc.grad_accum
         scaler.scale(loss).backward()
         return loss.item()
 
     model.train()
     started, samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    bar = tqdm(range(start_step, tc.max_steps), initial=start_step, total=tc.max_steps, desc="train", disable=None)
+    bar = tqdm(range(start_step, tc.max_steps), initial=start_step, total=tc.max_steps, desc="train",
+               disable=None if processes.is_main else True)
     for step in bar:
         micro_batches = []
         for _ in range(tc.grad_accum):
@@ -216,8 +235,8 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
             while batch is None:  # every image of this micro-batch was unusable (already reported)
                 batch = next(loader)
             micro_batches.append(batch)
-        step_loss = guard.accumulate(step + 1, micro_batches, backward, optimizer)
-        samples += sum(len(batch["prompts"]) for batch in micro_batches)
+        samples += processes.weigh(micro_batches, model.language.answer_tokens)  # over all processes
+        step_loss = processes.mean(guard.accumulate(step + 1, micro_batches, backward, optimizer))
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         if guard.step_is_finite(step + 1, step_loss, grad_norm):
@@ -229,21 +248,22 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         elapsed = time.perf_counter() - started
         bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{samples / elapsed:.0f}")
         if done % tc.log_every == 0 or done == tc.max_steps:
-            append_log(log_path, {"step": done, "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
-                                  "grad_norm": float(grad_norm), "samples_per_second": samples / elapsed,
-                                  "elapsed_seconds": elapsed})
+            log({"step": done, "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+                 "grad_norm": float(grad_norm), "samples_per_second": samples / elapsed, "elapsed_seconds": elapsed})
             window_loss, window_steps = 0.0, 0
-        if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
+        if processes.is_main and tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
             metrics, _ = evaluate(model, val_examples, val_cfg)
-            append_log(log_path, {"step": done, "eval": metrics})
+            log({"step": done, "eval": metrics})
             info(f"step {done}: val VQA accuracy {metrics['vqa_accuracy']}, "
                  f"shuffled images {metrics.get('vqa_accuracy_shuffled_images')}")
-        if alarm.due(done):
-            append_log(log_path, {"step": done, "conditioning": alarm.check(model, done)})
-        if tc.save_every and done % tc.save_every == 0 and done < tc.max_steps:
+        if processes.is_main and alarm.due(done):
+            log({"step": done, "conditioning": alarm.check(model, done)})
+        if processes.is_main and tc.save_every and done % tc.save_every == 0 and done < tc.max_steps:
             save_checkpoint(out_dir, model, optimizer, scheduler, scaler, done)
     bar.close()
     train_seconds = time.perf_counter() - started
+    if not processes.is_main:
+        return {}  # the main process saves, evaluates and reports
 
     save_checkpoint(out_dir, model, optimizer, scheduler, scaler, tc.max_steps)
     model.save(fresh_partial(out_dir / "model"))
