@@ -289,7 +289,8 @@ def _training_size(cfg: Config) -> int | None:
     """How many training examples the run had, where the config says it without loading anything."""
     data = cfg.data
     if data.train == "synthetic":
-        return data.train_images * (data.questions_per_image + int(data.captions))
+        size = data.train_images * (data.questions_per_image + int(data.captions))
+        return min(size, data.train_size) if data.train_size else size
     path = Path(data.train)
     if path.suffix == ".jsonl" and path.is_file():
         with path.open() as lines:

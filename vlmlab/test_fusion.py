@@ -80,7 +80,7 @@ def _gate_gradients(model) -> list[float]:
     return [float(block.attention_gate.grad.abs()) for block in model.language.fusion.blocks]
 
 
-@pytest.mark.parametrize("mode", ["frozen"])
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
 def test_frozen_or_lora_lm_keeps_gates_trainable(mode, tiny_vlm, pretrained_gpt2):
     model, batch = tiny_vlm(f"language.model={pretrained_gpt2}", f"language.train={mode}")
     base = [p for name, p in model.language.model.named_parameters() if "lora_" not in name]
@@ -96,7 +96,7 @@ def test_frozen_or_lora_lm_keeps_gates_trainable(mode, tiny_vlm, pretrained_gpt2
     assert all(g > 0 for g in _gate_gradients(model)), "the closed gates get a gradient"
 
 
-@pytest.mark.parametrize("mode", ["full", "frozen"])
+@pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
 def test_save_load_round_trip(mode, tiny_vlm, pretrained_gpt2, tmp_path):
     by_path = [] if mode == "full" else [f"language.model={pretrained_gpt2}", f"language.train={mode}"]
     model, batch = tiny_vlm(*by_path)
