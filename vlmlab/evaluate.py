@@ -46,19 +46,26 @@ def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config
     bar = tqdm(total=len(examples), desc=desc, leave=False, disable=None)
     for is_caption, indices in groups.items():
         for start in range(0, len(indices), ev.batch_size):
-            chunk, pixels, prompts = [], [], []
+            chunk, prompts, image_index = [], [], []
+            slots: dict[str, int] = {}  # image id -> its row in `pixels`: each image goes through vision once
+            pixels = []
             for index in indices[start : start + ev.batch_size]:
                 example = examples[index]
                 image_id = swap.get(example.image_id, example.image_id) if swap else example.image_id
                 image_pixels = dataset.pixels(by_id.get(image_id, example))  # cached per image by the dataset
                 if image_pixels is not None:
+                    key = image_id or str(index)  # examples without an image id share no image
+                    if key not in slots:
+                        slots[key] = len(pixels)
+                        pixels.append(image_pixels)
                     chunk.append(index)
-                    pixels.append(image_pixels)
+                    image_index.append(slots[key])
                     prompts.append(format_prompt(cfg.data, example.question))
             if chunk:
                 texts = model.generate(
                     torch.stack(pixels),
                     prompts,
+                    image_index=torch.tensor(image_index),
                     max_new_tokens=ev.caption_max_new_tokens if is_caption else ev.max_new_tokens,
                     min_new_tokens=ev.min_new_tokens,
                     num_beams=ev.num_beams,

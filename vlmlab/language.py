@@ -40,6 +40,7 @@ from vlmlab.loading import pretrained_config, pretrained_model, pretrained_token
 from vlmlab.registry import lookup
 
 IGNORE_INDEX = -100  # label value the loss skips
+SHORT_TARGET_TOKENS = 8  # answers up to this length (EOS included) are batched apart from longer targets
 
 
 def _tiny_t5(cfg: LanguageConfig, tokenizer) -> nn.Module:
@@ -248,20 +249,36 @@ class LanguageModel(nn.Module):
         """The transformers output for a training batch: logits, loss, and what `options` ask for (attentions)."""
         return self._run(visual, self.training_inputs(visual, prompts, targets), **options)
 
-    def loss(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
-        """Mean cross-entropy over the answer tokens, EOS included and counted `eos_loss_weight` times."""
+    def answer_losses(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+        """Summed cross-entropy of each example's answer tokens, EOS counted `eos_loss_weight` times: `[B]`."""
         inputs = self.training_inputs(visual, prompts, targets)
-        output = self._run(visual, inputs)
-        if self.eos_loss_weight == 1.0:
-            return output.loss
-        logits, labels = output.logits, inputs["labels"]
+        labels = inputs.pop("labels")  # [B, T]
+        if self.is_encoder_decoder:  # the decoder reads the labels shifted right, starting at its start token
+            inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = self._run(visual, inputs).logits  # [B, T, V]
         if not self.is_encoder_decoder:  # position t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="none")  # [B * T], 0 where ignored
-        weights = torch.where(labels.flatten() == self.eos_id, self.eos_loss_weight, 1.0)
-        # Divided by the number of answer tokens, as the unweighted mean is: only EOS's share changes.
-        return (losses * weights).sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        losses = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        if self.eos_loss_weight != 1.0:
+            losses = losses * torch.where(labels == self.eos_id, self.eos_loss_weight, 1.0)
+        return losses.sum(dim=1)
+
+    def loss(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens of the batch, EOS included and counted `eos_loss_weight` times
+        (the divisor stays the number of answer tokens: only EOS's share changes).
+
+        Rows run in two length buckets (short answers, long captions) that share the visual tokens: padding a
+        three-token answer to a caption's length would make most of the LM's work padding.
+        """
+        short = [i for i, t in enumerate(targets) if len(t) <= SHORT_TARGET_TOKENS]
+        long = [i for i, t in enumerate(targets) if len(t) > SHORT_TARGET_TOKENS]
+        total = visual.new_zeros((), dtype=torch.float32)
+        for rows in (short, long):
+            if rows:
+                index = torch.tensor(rows, device=visual.device)
+                picked = visual[index]  # [b, M, D]
+                total = total + self.answer_losses(picked, [prompts[i] for i in rows], [targets[i] for i in rows]).sum()
+        return total / max(sum(len(t) for t in targets), 1)
 
     @torch.no_grad()
     def generate(

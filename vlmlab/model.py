@@ -82,9 +82,14 @@ class VLM(nn.Module):
         return lm.loss(visual, lm.encode_prompts(prompts), lm.encode_targets(targets))
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int, **options) -> list[str]:
+    def generate(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int,
+                 image_index: torch.Tensor | None = None, **options) -> list[str]:
+        """Text for each prompt; `pixels` and `image_index` as in `forward`."""
+        visual = self.visual_tokens(pixels)
+        if image_index is not None:
+            visual = visual[image_index.to(visual.device)]
         lm = self.language
-        return lm.generate(self.visual_tokens(pixels), lm.encode_prompts(prompts), max_new_tokens, **options)
+        return lm.generate(visual, lm.encode_prompts(prompts), max_new_tokens, **options)
 
     # -- one image at a time -----------------------------------------------------------------------------------
     def pixels_of(self, images: Iterable[Image.Image | str | Path]) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlmlab.config import LanguageConfig
-from vlmlab.language import IGNORE_INDEX, build_language
+from vlmlab.language import IGNORE_INDEX, SHORT_TARGET_TOKENS, build_language
 from vlmlab.tokenizer import train_tokenizer
 
 TEXTS = ["what color is the circle?", "red", "blue", "a large red circle and a small blue square", "yes", "no"]
@@ -116,3 +116,14 @@ def test_padding_trained_as_eos_only_when_asked(family):
     visual, prompts, _ = batch(lm)
     labels = lm.training_inputs(visual, prompts, rows)["labels"]
     assert int((labels == lm.eos_id).sum()) == sum(row.count(lm.eos_id) for row in rows) > 10
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_length_buckets_give_the_unbucketed_mean_loss(family):
+    """Short answers and long captions run apart, yet the loss is the mean over all answer tokens of the batch."""
+    torch.manual_seed(0)
+    lm = tiny_lm(family).eval()
+    visual, prompts, targets = batch(lm)
+    assert len(targets[0]) <= SHORT_TARGET_TOKENS < len(targets[1]), "the batch must span both buckets"
+    reference = lm.model(**lm.training_inputs(visual, prompts, targets)).loss  # transformers' own loss
+    assert torch.allclose(lm.loss(visual, prompts, targets), reference, atol=1e-5)
