@@ -106,7 +106,7 @@ def architecture(key: str, name: str, trust_remote_code: bool):
     return pretrained_config(key, name, trust_remote_code)
 
 
-def _vision_on_meta(cfg) -> VisionTower:
+def _vision_from_architecture(cfg) -> VisionTower:
     config = architecture("vision.model", cfg.model, cfg.trust_remote_code)
     model_class = VISION_HALF_OF.get(config.model_type)
     config = getattr(config, "vision_config", config)  # a dual encoder (CLIP, SigLIP): its vision half
@@ -115,7 +115,7 @@ def _vision_on_meta(cfg) -> VisionTower:
     return VisionTower(model, cfg.feature_layer, image_size, [0.5] * 3, [0.5] * 3)  # statistics: no memory role
 
 
-def _language_on_meta(cfg) -> LanguageModel:
+def _language_from_architecture(cfg) -> LanguageModel:
     config = architecture("language.model", cfg.model, cfg.trust_remote_code)
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     # The step below feeds token ids, never text: the tokenizer is asked only for an EOS id, so a local one will do.
@@ -140,15 +140,16 @@ def _has_own_output_layer(name: str) -> bool:
     return False
 
 
-def build_on_meta(cfg: Config) -> VLM:
-    """The VLM of `cfg` at its real size, every weight on the meta device; adapters and frozen parts as in training."""
+def build_from_architecture(cfg: Config, device: str = "meta") -> VLM:
+    """The VLM of `cfg` at its real size with random weights (on `meta`: none at all), nothing downloaded;
+    adapters and frozen parts as in training."""
     check_modes(cfg)
     for part in ("vision", "language"):
         if not getattr(cfg, part).model:
             raise ConfigError(f"plan needs a pretrained {part} part ({part}.model=); the tiny from-scratch parts "
                               f"are meant for a CPU")
-    with torch.device("meta"):
-        return assemble_vlm(_vision_on_meta(cfg.vision), _language_on_meta(cfg.language), cfg)
+    with torch.device(device):
+        return assemble_vlm(_vision_from_architecture(cfg.vision), _language_from_architecture(cfg.language), cfg)
 
 
 class PeakMemory(TorchDispatchMode):
@@ -203,13 +204,8 @@ def _resident(model: VLM, optimizer: torch.optim.Optimizer) -> list[torch.Tensor
     return [*model.parameters(), *model.buffers(), *grads, *states]
 
 
-def step_peak(model: VLM, optimizer: torch.optim.Optimizer, cfg: Config, micro_batch: int, accumulating: bool,
-              amp_dtype: torch.dtype | None) -> int:
-    """Peak bytes of one training micro-step at the longest prompts and targets `cfg` allows.
-
-    `accumulating`: gradients of an earlier micro-batch are already there (grad_accum > 1). The optimizer must
-    hold its states already (see `_warm_optimizer`), as it does in every step after the first.
-    """
+def step_inputs(model: VLM, cfg: Config, micro_batch: int) -> tuple:
+    """A micro-batch at the longest prompts and targets `cfg` allows: (pixels, prompt ids, target ids)."""
     size = model.vision.image_size
     pixels = torch.zeros(micro_batch, 3, size, size, dtype=torch.uint8, device=model.device)
     # Token ids (any id below the vocabulary size) at the longest lengths allowed, one prompt a token short:
@@ -217,21 +213,38 @@ def step_peak(model: VLM, optimizer: torch.optim.Optimizer, cfg: Config, micro_b
     longest = cfg.language.max_prompt_tokens
     prompts = [[5] * (longest - (i == micro_batch - 1 and micro_batch > 1)) for i in range(micro_batch)]
     targets = [[6] * cfg.language.max_target_tokens] * micro_batch
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for param in trainable:
-        param.grad = torch.zeros_like(param) if accumulating else None
+    return pixels, prompts, targets
+
+
+def train_step(model: VLM, optimizer: torch.optim.Optimizer, inputs: tuple, amp_dtype: torch.dtype | None) -> None:
+    """Forward, backward and update, as `vlmlab train` runs them (the loss on the answer tokens only)."""
+    pixels, prompts, targets = inputs
+    with torch.autocast(model.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = model.language.loss(model.visual_tokens(pixels), prompts, targets)
+    loss.backward()
+    del loss
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_peak(model: VLM, optimizer: torch.optim.Optimizer, cfg: Config, micro_batch: int, accumulating: bool,
+              amp_dtype: torch.dtype | None) -> int:
+    """Peak bytes of one training micro-step of `micro_batch` examples.
+
+    `accumulating`: gradients of an earlier micro-batch are already there (grad_accum > 1). The optimizer must
+    hold its states already (`warm_optimizer`), as it does in every step after the first.
+    """
+    inputs = step_inputs(model, cfg, micro_batch)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param) if accumulating else None
     tracker = PeakMemory(_resident(model, optimizer))
     with tracker:
-        with torch.autocast(model.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = model.language.loss(model.visual_tokens(pixels), prompts, targets)
-        loss.backward()
-        del loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, inputs, amp_dtype)
     return tracker.peak
 
 
-def _warm_optimizer(model: VLM) -> torch.optim.Optimizer:
+def warm_optimizer(model: VLM) -> torch.optim.Optimizer:
     """AdamW (as `vlmlab train` makes it, fused on CUDA) with its two moment tensors per weight already made."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)  # one weight at a time, as fused AdamW
@@ -258,13 +271,13 @@ def plan(cfg: Config, gpu_name: str) -> dict:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.train.precision]
         if amp_dtype == torch.bfloat16 and not gpu.bf16:
             raise ConfigError(f"train.precision=bf16: the {gpu.name} has no bf16; use auto or fp16")
-    model = build_on_meta(cfg).train()
+    model = build_from_architecture(cfg).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_bytes_per_weight = 2 if cfg.train.optimizer == "adamw8bit" else 8  # simulated: AdamW's 8
     tried, proposal = [], None
     with FakeTensorMode(allow_non_fake_inputs=True):
         to_fake(model)  # shapes and dtypes, no memory
-        optimizer = _warm_optimizer(model)
+        optimizer = warm_optimizer(model)
         checkpointing = False
         for accum, wants_checkpointing in tqdm(candidates(cfg.train.batch_size), desc="plan", leave=False,
                                                disable=None):

@@ -15,13 +15,13 @@ from vlmlab.plan import (
     GIB,
     GPUS,
     Gpu,
-    _warm_optimizer,
-    build_on_meta,
+    build_from_architecture,
     candidates,
     plan,
     plan_lines,
     step_peak,
     to_fake,
+    warm_optimizer,
 )
 from vlmlab.presets import get_preset
 from vlmlab.test_families import checkpoints, family_config  # noqa: F401 (a fixture)
@@ -33,14 +33,14 @@ TINY = ["connector.num_queries=4", "train.batch_size=8", "language.max_prompt_to
 def _real_peak(cfg, micro_batch, accumulating, amp_dtype):
     torch.manual_seed(0)
     model = build_vlm(cfg).train()
-    return step_peak(model, _warm_optimizer(model), cfg, micro_batch, accumulating, amp_dtype)
+    return step_peak(model, warm_optimizer(model), cfg, micro_batch, accumulating, amp_dtype)
 
 
 def _simulated_peak(cfg, micro_batch, accumulating, amp_dtype):
-    model = build_on_meta(cfg).train()
+    model = build_from_architecture(cfg).train()
     with FakeTensorMode(allow_non_fake_inputs=True):
         to_fake(model)
-        return step_peak(model, _warm_optimizer(model), cfg, micro_batch, accumulating, amp_dtype)
+        return step_peak(model, warm_optimizer(model), cfg, micro_batch, accumulating, amp_dtype)
 
 
 @pytest.mark.parametrize("vision, language, mode, accumulating, amp_dtype", [
@@ -61,7 +61,7 @@ def test_tied_and_untied_output_layers_are_counted_as_saved(checkpoints):
     for language in ("t5", "gpt2"):
         cfg = family_config(checkpoints, "clip", language, "language.train=full")
         real = sum(p.numel() for p in build_vlm(cfg).language.parameters())
-        assert sum(p.numel() for p in build_on_meta(cfg).language.parameters()) == real
+        assert sum(p.numel() for p in build_from_architecture(cfg).language.parameters()) == real
 
 
 def test_candidates_prefer_modest_accumulation_then_checkpointing():

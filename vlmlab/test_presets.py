@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from vlmlab.config import from_dict, validate
-from vlmlab.plan import KNOWN_ARCHITECTURES, build_on_meta
+from vlmlab.plan import KNOWN_ARCHITECTURES, build_from_architecture
 from vlmlab.presets import PRESETS, REAL_PRESETS, TINY_PRESETS, describe_presets, get_preset
 from vlmlab.prompts import format_prompt
 from vlmlab.tuning import check_modes
@@ -73,7 +73,7 @@ def test_seed_baseline_is_clip_qformer_gpt2_captioning_in_full():
 def test_real_presets_build_at_their_published_sizes(name):
     cfg = get_preset(name)
     assert cfg.vision.model in KNOWN_ARCHITECTURES and cfg.language.model in KNOWN_ARCHITECTURES
-    model = build_on_meta(cfg)
+    model = build_from_architecture(cfg)
     vision = sum(p.numel() for p in model.vision.parameters())
     language = sum(p.numel() for p in model.language.parameters() if not p.requires_grad or cfg.language.train == "full")
     assert vision / 1e6 == pytest.approx(PUBLISHED_M[cfg.vision.model], rel=0.01)
