@@ -203,9 +203,11 @@ def start_from(directory: str | Path, config: Config) -> VLM:
 
     The architecture is the saved model's: its vision, connector and language sections, and data.image_split
     (which sizes the connector), replace `config`'s; whether each part trains in full or stays frozen is `config`'s
-    choice. A part saved in full is named by its saved folder, so this run's config says where its weights began.
+    choice. A part saved in full is named by its saved folder, so this run's config says where its weights began;
+    a LoRA/DoRA adapter is merged into its part first, and that part, named by no folder, is saved in full.
     """
     model = VLM.load(directory, device="cpu")
+    adapted = model.merge_adapters()
     saved_at = Path(directory) / "model" if (Path(directory) / "model" / CONFIG_FILE).is_file() else Path(directory)
     merged = copy.deepcopy(config)
     merged.connector = copy.deepcopy(model.config.connector)
@@ -213,7 +215,9 @@ def start_from(directory: str | Path, config: Config) -> VLM:
         section, mode = copy.deepcopy(getattr(model.config, part)), getattr(config, part).train
         if mode not in ("full", "frozen"):
             raise ConfigError(f"{part}.train={mode!r} with train.init_from is not supported; valid: full, frozen")
-        if (saved_at / part / "config.json").is_file():
+        if part in adapted:
+            section.model = ""  # its weights (base + adapter) exist in no folder: never saved by reference
+        elif (saved_at / part / "config.json").is_file():
             section.model = str(saved_at.resolve() / part)
         section.train = mode
         getattr(model, part).requires_grad_(mode == "full")

@@ -58,3 +58,29 @@ def test_a_caption_model_starts_a_vqa_run(tmp_path):
     assert torch.equal(trained.vision.state_dict()["model.embeddings.patch_embedding.weight"],
                        captioner.vision.state_dict()["model.embeddings.patch_embedding.weight"])  # frozen
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["prompt"]["vqa"]["name"] == "qa"
+
+
+def test_a_lora_model_is_merged_then_started_from(tmp_path):
+    examples = make_split("train", 4, questions_per_image=1)
+    texts = training_texts(examples, DataConfig())
+    torch.manual_seed(0)
+    build_vlm(apply_overrides(get_preset("default"), SMALL), texts).language.save(tmp_path / "lm")  # "pretrained"
+    adapted = build_vlm(apply_overrides(get_preset("default"), [
+        *SMALL, f"language.model={tmp_path / 'lm'}", "language.train=lora", "language.lora_rank=2"]))
+    with torch.no_grad():  # an adapter that changes the outputs, as a trained one does
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.05)
+    adapted.save(tmp_path / "adapted")
+    pixels = adapted.pixels_of([e.image for e in examples[:2]])
+    prompts, targets = ["a short caption:"] * 2, [e.target for e in examples[:2]]
+    with torch.no_grad():
+        expected = adapted.eval()(pixels, prompts, targets)
+
+    model = start_from(tmp_path / "adapted", apply_overrides(get_preset("default"), [*SMALL, "language.train=frozen"]))
+    assert model.config.language.model == "" and model.config.language.train == "frozen"
+    assert not any(p.requires_grad for p in model.language.parameters())
+    model.save(tmp_path / "again")  # saved in full: base and adapter merged exist in no other folder
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(pixels, prompts, targets), expected, atol=1e-5)
+        assert torch.allclose(VLM.load(tmp_path / "again", device="cpu")(pixels, prompts, targets), expected, atol=1e-5)
