@@ -336,7 +336,7 @@ def plan_lines(name: str, result: dict) -> list[str]:
     """The plan as text: parts, fixed memory, each candidate tried, and the command that trains with the proposal."""
     gpu = GPUS[result["gpu"]]
     scaler = " with a loss scaler" if result["precision"] == "fp16" else ""
-    lines = [f"{name} on {gpu.name} ({gpu.memory_gib} GiB usable): {result['precision']}{scaler}"]
+    lines = [f"{name} on {gpu.name} ({gpu.memory_gib} GiB): {result['precision']}{scaler}"]
     for part, row in result["parts"].items():
         lines.append(f"  {part:<9} {row['params_m']:8.1f}M params, {row['trainable_m']:8.2f}M trainable")
     static = result["static_gib"]

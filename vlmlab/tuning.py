@@ -7,12 +7,13 @@ is a property of the checkpoint's family, read from its own `config.model_type`,
 comma-separated list names modules directly (for a family not listed here).
 
 A part whose base weights do not change (frozen, lora, dora) and that was loaded by name (`<part>.model=`) is
-saved by reference: the saved model keeps that name and only the adapter's weights, so a LoRA checkpoint is a few
-megabytes, and loading it rebuilds the base from the name and puts the adapter back on it, exactly.
+saved by reference: the saved model keeps that name and only the adapter's weights, so a LoRA-tuned part takes a
+few megabytes, and loading rebuilds the base from the name and puts the adapter back on it, exactly.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -97,7 +98,9 @@ def apply_tuning(part: nn.Module, section, name: str) -> None:
     if section.train in ADAPTED:
         config = lora_config(part.model, section, name)
         try:
-            part.model = get_peft_model(part.model, config)  # freezes the base, adds trainable adapters
+            with warnings.catch_warnings():  # peft asks transformers 5 for a property it renamed: noise on every run
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                part.model = get_peft_model(part.model, config)  # freezes the base, adds trainable adapters
         except ValueError as err:  # peft: none of the target modules exists in this model
             raise ConfigError(f"{name}.lora_targets={section.lora_targets!r}: {str(err).splitlines()[0]}") from None
     else:
