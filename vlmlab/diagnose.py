@@ -18,9 +18,8 @@ several signals at once; each is measured on an eval set:
   share attention spread evenly would give; with cross-attention fusion, how open the gates are and how much the
   gated blocks change the hidden state (`cross_attention_relative_update`).
 
-The verdict is `collapsed` (the model stops at once), `ignores_image` (its outputs do not depend on the image) or
-`uses_image`. When it is not `uses_image`, `suspected_causes` names which of the known causes the run shows and
-what to try.
+The verdict is `collapsed` (the model stops at once), `ignores_image` (its outputs do not follow the image) or
+`uses_image`. `suspected_causes` names which of the known causes the run shows, with evidence and what to try.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ MIN_RELATIVE_GAP = 0.05  # the score must drop by at least this share of itself 
 SHORT_PREFIX = 4  # a decoder-only LM reading at most this many visual tokens as a prefix: a short prefix
 HIGH_LR = 5e-3  # full fine-tuning of the LM above this learning rate: suspect instability
 MANY_EPOCHS = 20  # each training example seen this often or more: suspect too little data
+CLOSED_GATE = 0.01  # cross-attention gates all within this of zero (tanh): the blocks have not opened
 
 
 def blank_example(size: int = 64) -> Example:
@@ -260,21 +260,27 @@ def verdict(signals: dict) -> tuple[str, str, list[str]]:
                  if value >= COLLAPSE_RATE]
         return "collapsed", (f"{_pct(empty)} of the outputs are empty and EOS is the most likely first token for "
                              f"{_pct(eos)} of the examples: the model stops before it says anything."), fired
-    fired = []
+    fired, evidence = [], []
     if unchanged >= UNCHANGED_RATE:
         fired.append(f"unchanged_with_shuffled_images={unchanged:.2f}")
+        evidence.append(f"{_pct(unchanged)} of the outputs stay the same when every image is swapped for another")
     if loss_gap < MIN_LOSS_GAP:
         fired.append(f"reference_loss_gap={loss_gap:.3f}")
+        evidence.append(f"the references are hardly more likely with their own image than with another one "
+                        f"({loss_gap:+.3f} nats per token)")
     gap, real = signals.get("shuffled_image_gap"), (signals.get("score") or {}).get("real")
     if gap is not None and real and gap < MIN_RELATIVE_GAP * real:
         fired.append(f"shuffled_image_gap={gap:.3f}")
-    swapped = (f"with every image swapped for another, {_pct(unchanged)} of the outputs stay the same and the loss "
-               f"on the references changes by {loss_gap:+.3f} nats per token")
-    if gap is not None:
-        swapped += f" ({signals['score_name']} {real:.3f} -> {signals['score']['shuffled']:.3f})"
+        evidence.append(f"{signals['score_name']} hardly drops with shuffled images "
+                        f"({real:.3f} -> {signals['score']['shuffled']:.3f})")
     if fired:
-        return "ignores_image", f"{swapped[0].upper()}{swapped[1:]}: the output comes from the prompt, not the image.", fired
-    return "uses_image", f"{swapped[0].upper()}{swapped[1:]}: the output depends on the image.", fired
+        sentence = "; ".join(evidence)
+        return "ignores_image", f"{sentence[0].upper()}{sentence[1:]}: the output does not follow what the image " \
+                                f"shows.", fired
+    score_drop = "" if gap is None else f", {signals['score_name']} {real:.3f} -> {signals['score']['shuffled']:.3f}"
+    return "uses_image", (f"With every image swapped for another, {_pct(1 - unchanged)} of the outputs change and the "
+                          f"references lose {loss_gap:.3f} nats per token{score_drop}: the output depends on the "
+                          f"image."), fired
 
 
 REMEDIES = {
@@ -307,14 +313,15 @@ def read_train_log(path: Path) -> list[dict]:
 
 
 def suspected_causes(model, signals: dict, cfg: Config, train_log: list[dict]) -> list[dict]:
-    """Which of the known causes of an image-blind LM this run shows: `{cause, evidence, try}` each."""
+    """Which of the known causes of an image-blind (or badly trained) captioner this run shows, from its config,
+    its training log and the signals: `{cause, evidence, try}` each."""
     causes = []
     lm, language = model.language, cfg.language
     if language.train_padding_as_eos:
         causes.append({"cause": "padding trained as EOS",
                        "evidence": f"language.train_padding_as_eos=true: every target was padded to "
-                                   f"{language.max_target_tokens} tokens with trained EOS, so most trained tokens "
-                                   f"were EOS",
+                                   f"{language.max_target_tokens} tokens with trained EOS, so EOS made up a large "
+                                   f"share of the trained tokens",
                        "try": "language.train_padding_as_eos=false (the default), or language.eos_loss_weight=0.3"})
     num_visual = signals["num_visual_tokens"]
     share, uniform = signals.get("visual_attention_share"), signals.get("visual_attention_uniform")
@@ -328,16 +335,25 @@ def suspected_causes(model, signals: dict, cfg: Config, train_log: list[dict]) -
                            "evidence": f"the decoder-only LM reads the image as a prefix of "
                                        f"{num_visual} token(s){looks}",
                            "try": "language.fusion=cross_attention, or more visual tokens (connector.num_queries=32)"})
+    gates = signals.get("cross_attention_gates")
+    if gates and max(abs(value) for pair in gates for value in pair) < CLOSED_GATE:
+        causes.append({"cause": "closed cross-attention gates",
+                       "evidence": f"every gate is still within {CLOSED_GATE} of zero (tanh): the LM has not started "
+                                   f"reading the image",
+                       "try": "language.train=frozen or lora (then the gates are the LM's way to lower the loss), "
+                              "or train longer"})
     losses = [r["loss"] for r in train_log]
-    if language.train == "full":
-        rose = len(losses) > 1 and losses[-1] > 1.5 * min(losses)
-        if cfg.train.lr > HIGH_LR or rose:
-            curve = (f"; training loss {losses[0]:.2f} first, {min(losses):.2f} at best, {losses[-1]:.2f} last"
-                     if losses else "")
-            causes.append({"cause": "unstable full fine-tuning",
-                           "evidence": f"the whole LM was trained at train.lr={cfg.train.lr:g}{curve}",
-                           "try": f"a lower train.lr (e.g. {cfg.train.lr / 10:g}), language.train=lora, or "
-                                  f"language.train=frozen with language.fusion=cross_attention"})
+    rose = len(losses) > 1 and losses[-1] > 1.5 * min(losses)
+    if cfg.train.lr > HIGH_LR or (language.train == "full" and rose):
+        full = language.train == "full"
+        curve = (f"; training loss {losses[0]:.2f} first, {min(losses):.2f} at best, {losses[-1]:.2f} last"
+                 if losses else "")
+        trained = "the whole LM and the connector were" if full else "the connector was"
+        causes.append({"cause": "unstable full fine-tuning" if full else "high learning rate",
+                       "evidence": f"{trained} trained at train.lr={cfg.train.lr:g}{curve}",
+                       "try": f"a lower train.lr (e.g. {cfg.train.lr / 10:g})"
+                              + (", language.train=lora, or language.train=frozen with language.fusion=cross_attention"
+                                 if full else "")})
     size = _training_size(cfg)
     epochs = cfg.train.max_steps * cfg.train.batch_size / size if size else None
     held_out = (signals.get("reference_loss") or {}).get("real")
@@ -353,14 +369,15 @@ def suspected_causes(model, signals: dict, cfg: Config, train_log: list[dict]) -
 
 
 def diagnose(model, examples: list[Example], cfg: Config, train_log: list[dict] | None = None) -> dict:
-    """The full report: signals, `verdict`, `reason`, `signals_fired` and, unless the image is used,
-    `suspected_causes` and `try`."""
+    """The full report: signals, `verdict`, `reason`, `signals_fired`, the `suspected_causes` the run shows
+    (listed whatever the verdict: a model can read its image and still have memorised too little data) and,
+    unless the image is used, what to `try`."""
     if cfg.eval.max_examples:
         examples = examples[: cfg.eval.max_examples]
     report = measure(model, examples, cfg)
     report["verdict"], report["reason"], report["signals_fired"] = verdict(report)
+    report["suspected_causes"] = suspected_causes(model, report, cfg, train_log or [])
     if report["verdict"] != "uses_image":
-        report["suspected_causes"] = suspected_causes(model, report, cfg, train_log or [])
         report["try"] = REMEDIES[report["verdict"]]
     return report
 

@@ -64,7 +64,7 @@ def test_a_model_that_reads_the_image(reader):
     assert report["empty_output_rate"] == 0 and report["eos_first_rate"] == 0
     assert report["identical_output_rate"] < 0.5
     assert len(report["cross_attention_gates"]) == 1 and report["cross_attention_relative_update"] > 0
-    assert "suspected_causes" not in report
+    assert report["suspected_causes"] == [] and "try" not in report
 
 
 def test_the_same_model_with_its_gates_closed_ignores_the_image(reader):
@@ -83,6 +83,7 @@ def test_the_same_model_with_its_gates_closed_ignores_the_image(reader):
     assert report["reference_loss_gap"] == pytest.approx(0.0, abs=1e-6)
     assert report["shuffled_image_gap"] == pytest.approx(0.0)
     assert "nats per token" in report["reason"]
+    assert [c["cause"] for c in report["suspected_causes"]] == ["closed cross-attention gates"]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,8 @@ def test_suspected_causes_follow_the_evidence(reader):
     small = apply_overrides(get_preset("tiny-gpt2"), ["data.train_images=20", "data.questions_per_image=0",
                                                       "train.max_steps=500"])
     assert [c["cause"] for c in suspected_causes(model, signals, small, [])] == ["too little data"]
+    adapters_fast = apply_overrides(get_preset("tiny-gpt2"), ["language.train=lora", "train.lr=0.02"])
+    assert [c["cause"] for c in suspected_causes(model, signals, adapters_fast, [])] == ["high learning rate"]
     memorised = [{"loss": 0.01}]  # training batches fit, held-out references not
     signals = {**signals, "reference_loss": {"real": 1.5}}
     assert [c["cause"] for c in suspected_causes(model, signals, cfg, memorised)] == ["too little data"]
