@@ -66,8 +66,9 @@ class LanguageConfig:
     fusion: str = "prefix"  # decoder-only LMs: prefix (visual tokens lead the text) | cross_attention (gated)
     cross_attention_every: int = 1  # fusion=cross_attention: a gated block before decoder layers 0, k, 2k, ...
     eos_loss_weight: float = 1.0  # weight of EOS targets in the loss; below 1 counters a bias to stop at once
-    # REPRODUCTION ONLY: pad every target to max_target_tokens with EOS and train those positions too, the bug
-    # behind empty captions when pad == EOS (GPT-2). Never set it to train a model you mean to use.
+    # REPRODUCTION ONLY: pad a batch's targets on the left with EOS (padding_side="left", pad == EOS, as GPT-2 is
+    # often set up) and train those positions too: shorter captions then start with EOS, and the model learns to
+    # say EOS first, the empty captions of the GPT-2 captioner. Never set it to train a model you mean to use.
     train_padding_as_eos: bool = False
     trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
 

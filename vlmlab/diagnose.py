@@ -319,9 +319,8 @@ def suspected_causes(model, signals: dict, cfg: Config, train_log: list[dict]) -
     lm, language = model.language, cfg.language
     if language.train_padding_as_eos:
         causes.append({"cause": "padding trained as EOS",
-                       "evidence": f"language.train_padding_as_eos=true: every target was padded to "
-                                   f"{language.max_target_tokens} tokens with trained EOS, so EOS made up a large "
-                                   f"share of the trained tokens",
+                       "evidence": "language.train_padding_as_eos=true: the captions of each batch were padded "
+                                   "on the left with trained EOS, so most of them began with EOS",
                        "try": "language.train_padding_as_eos=false (the default), or language.eos_loss_weight=0.3"})
     num_visual = signals["num_visual_tokens"]
     share, uniform = signals.get("visual_attention_share"), signals.get("visual_attention_uniform")

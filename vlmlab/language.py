@@ -192,11 +192,13 @@ class LanguageModel(nn.Module):
         return [row[: self.max_target_tokens - 1] + [self.eos_id] for row in ids]  # EOS exactly once
 
     def encode_targets(self, texts: list[str]) -> list[list[int]]:
-        """The training targets: the answers, unless `train_padding_as_eos` (reproduction only) pads each one
-        to `max_target_tokens` with EOS, every position of it trained."""
+        """The training targets: the answers, unless `train_padding_as_eos` (reproduction only) pads them on the
+        left with EOS to the batch's longest, as a tokenizer with padding_side="left" and pad == EOS does, every
+        padding position trained: the shorter answers then begin with EOS."""
         rows = self.encode_answers(texts)
         if self.train_padding_as_eos:
-            return [row + [self.eos_id] * (self.max_target_tokens - len(row)) for row in rows]
+            longest = max(map(len, rows), default=0)
+            return [[self.eos_id] * (longest - len(row)) + row for row in rows]
         return rows
 
     def answer_tokens(self, targets: list[str]) -> int:

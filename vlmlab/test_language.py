@@ -107,15 +107,16 @@ def test_eos_loss_weight_scales_only_the_eos_terms(family):
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_padding_trained_as_eos_only_when_asked(family):
     lm = tiny_lm(family, pad_is_eos=True)
-    answers = ["red", "a large red circle"]
-    assert [row.count(lm.eos_id) for row in lm.encode_targets(answers)] == [1, 1]
-    lm.train_padding_as_eos = True  # the reproduction switch: targets padded with EOS, all of it trained
+    answers = ["red", "a large red circle and a small blue square"]
+    plain = lm.encode_answers(answers)
+    assert lm.encode_targets(answers) == plain and [row.count(lm.eos_id) for row in plain] == [1, 1]
+    lm.train_padding_as_eos = True  # the reproduction switch: left-padded with EOS, every position trained
     rows = lm.encode_targets(answers)
-    assert all(len(row) == lm.max_target_tokens for row in rows)
-    assert rows[0][: len(lm.encode_answers(answers)[0])] == lm.encode_answers(answers)[0]
+    short = len(plain[1]) - len(plain[0])
+    assert rows == [[lm.eos_id] * short + plain[0], plain[1]], "the shorter answer now starts with EOS"
     visual, prompts, _ = batch(lm)
     labels = lm.training_inputs(visual, prompts, rows)["labels"]
-    assert int((labels == lm.eos_id).sum()) == sum(row.count(lm.eos_id) for row in rows) > 10
+    assert int((labels == lm.eos_id).sum()) == short + 2
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
