@@ -8,7 +8,9 @@ peft config), the same images, prompts, answers and batches, the same precision 
 and gradient clipping.
 
 Each side runs in a fresh process, so that its peak memory is its own: `torch.cuda.max_memory_allocated` on a
-GPU, the process's peak resident set (ru_maxrss: weights, activations, data, the libraries) on a CPU. Measured:
+GPU, the process's peak resident set (ru_maxrss: weights, activations, data, the libraries) on a CPU. Times are
+wall-clock (after `torch.cuda.synchronize` on a GPU); with `--cpu-time`, on a CPU shared with other work, they are
+each process's CPU time with torch on one thread, which other processes cannot stretch. Measured:
 - training samples/s in the first epoch: vlmlab computes the tower's features of the epoch's images into a fresh
   feature cache (feature_cache.py) and trains from them; BLIP-2 runs its tower on every example;
 - training samples/s in the later epochs: vlmlab reads its cache; BLIP-2 runs its tower again;
@@ -69,7 +71,8 @@ KNOWN_ARCHITECTURES = {
         patch_size=14, hidden_act="quick_gelu"),
     "google/flan-t5-base": lambda: T5Config(
         vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1),
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0),
 }
 
 
@@ -85,6 +88,7 @@ class Parts:
     examples: list
     batches: list[list[int]]  # the example indices of each step of an epoch (every epoch the same)
     epochs: int
+    cpu_time: bool  # time by the process's CPU time, torch on one thread, instead of the wall clock
 
     @property
     def samples(self) -> int:
@@ -97,7 +101,7 @@ def _architecture(section, key: str):
     return pretrained_config(key, section.model, section.trust_remote_code)
 
 
-def plan(cfg: Config, steps: int, epochs: int) -> Parts:
+def plan(cfg: Config, steps: int, epochs: int, cpu_time: bool = False) -> Parts:
     """Checks that BLIP-2 can mirror the preset, and lays out the data: `steps` batches per epoch."""
     cfg = validate(copy.deepcopy(cfg))
     cfg.vision.train = "frozen"  # the recipe measured: a frozen tower, whose features vlmlab caches ...
@@ -105,6 +109,8 @@ def plan(cfg: Config, steps: int, epochs: int) -> Parts:
     if steps < 1 or epochs < 2:
         raise ConfigError(f"bench needs at least 1 step and 2 epochs (the later ones are measured), got {steps}, "
                           f"{epochs}")
+    if cpu_time and resolve_device(cfg.train.device).type != "cpu":
+        raise ConfigError("--cpu-time measures CPU runs; on a GPU the bench times by the wall clock")
     if cfg.connector.kind != "qformer":
         raise ConfigError(f"BLIP-2's connector is a Q-Former: bench needs connector.kind=qformer, got "
                           f"{cfg.connector.kind!r}")
@@ -121,7 +127,7 @@ def plan(cfg: Config, steps: int, epochs: int) -> Parts:
         raise ConfigError(f"bench measures the encoder-decoder recipe (T5, Flan-T5); this preset's LM is "
                           f"{language.model_type}")
     batches = list(islice(StepBatches(image_groups(examples), cfg.train.batch_size, cfg.train.seed), steps))
-    return Parts(cfg, vision, language, tokenizer, vision.image_size, examples, batches, epochs)
+    return Parts(cfg, vision, language, tokenizer, vision.image_size, examples, batches, epochs, cpu_time)
 
 
 # -- the two sides: each returns (model, the batches of an epoch, the loss of a batch, generation for a batch) --
@@ -217,10 +223,10 @@ BUILDERS = {"vlmlab": _vlmlab, "transformers_blip2": _blip2}
 
 
 # -- measuring one side, in a process of its own ---------------------------------------------------------------
-def _clock(device: torch.device) -> float:
+def _clock(device: torch.device, cpu_time: bool) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter()
+    return time.process_time() if cpu_time else time.perf_counter()
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -234,6 +240,8 @@ def measure(side: str, parts: Parts) -> dict:
     """Builds one side and times its training epochs and generation; returns its figures."""
     cfg = parts.config
     torch.manual_seed(cfg.train.seed)
+    if parts.cpu_time:  # one thread: no time spent spinning while other processes hold the cores
+        torch.set_num_threads(1)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
@@ -245,7 +253,7 @@ def measure(side: str, parts: Parts) -> dict:
         model.train()
         seconds = []
         for _ in range(parts.epochs):
-            started = _clock(device)
+            started = _clock(device, parts.cpu_time)
             for batch in data():  # timed too: vlmlab's first epoch fills its feature cache here
                 optimizer.zero_grad(set_to_none=True)
                 with autocast:
@@ -255,16 +263,16 @@ def measure(side: str, parts: Parts) -> dict:
                 torch.nn.utils.clip_grad_norm_(trained, cfg.train.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
-            seconds.append(_clock(device) - started)
+            seconds.append(_clock(device, parts.cpu_time) - started)
         model.eval()
         pixels = DataLoader(ExampleDataset(parts.examples, cfg.data, parts.image_size), batch_sampler=parts.batches,
                             collate_fn=collate)
-        generated, started = 0, _clock(device)
+        generated, started = 0, _clock(device, parts.cpu_time)
         with torch.no_grad(), autocast:
             for batch in pixels:
                 generate(batch, cfg.eval.max_new_tokens)
                 generated += len(batch["prompts"]) * cfg.eval.max_new_tokens
-        generate_seconds = _clock(device) - started
+        generate_seconds = _clock(device, parts.cpu_time) - started
     return {
         "train_samples_per_second_first_epoch": parts.samples / seconds[0],
         "train_samples_per_second_later_epochs": parts.samples * (parts.epochs - 1) / sum(seconds[1:]),
@@ -283,9 +291,9 @@ def _side_process(side: str, parts: Parts, results) -> None:
         results.put((side, f"{type(err).__name__}: {err}"))
 
 
-def run_bench(cfg: Config, steps: int = 4, epochs: int = 3) -> dict:
+def run_bench(cfg: Config, steps: int = 4, epochs: int = 3, cpu_time: bool = False) -> dict:
     """Both sides, one after the other, each in a fresh process; the figures and their ratios (vlmlab / peer)."""
-    parts = plan(cfg, steps, epochs)
+    parts = plan(cfg, steps, epochs, cpu_time)
     context = multiprocessing.get_context("spawn")
     sides = {}
     for side in SIDES:
@@ -313,7 +321,8 @@ def run_bench(cfg: Config, steps: int = 4, epochs: int = 3) -> dict:
         "steps_per_epoch": steps,
         "epochs": epochs,
         "new_tokens": cfg.eval.max_new_tokens,
-        "torch_threads": torch.get_num_threads(),
+        "timer": "process CPU time, 1 thread" if cpu_time else "wall clock",
+        "torch_threads": 1 if cpu_time else torch.get_num_threads(),
         **sides,
     }
 
@@ -328,7 +337,7 @@ def report_lines(result: dict, preset: str) -> list[str]:
     ]
     lines = [f"vlmlab bench --preset {preset}: {result['device']}, {result['precision']}, batch "
              f"{result['batch_size']}, {result['steps_per_epoch']} steps x {result['epochs']} epochs, "
-             f"{result['new_tokens']} new tokens",
+             f"{result['new_tokens']} new tokens, timed by {result['timer']}",
              f"{'':32}{'vlmlab':>10}{'BLIP-2 (HF)':>14}{'ratio':>8}  target"]
     for label, key, ratio, target in rows:
         lines.append(f"{label:<32}{ours[key]:>10.2f}{peer[key]:>14.2f}{result[ratio]:>8.2f}  {target}")

@@ -252,13 +252,14 @@ def training_data(model, examples: list[Example], cfg: Config, out_dir: Path, ba
     if processes.is_main and not (folder / "recipe.json").is_file():
         write_text_atomically(folder / "recipe.json", json.dumps(recipe, indent=1, default=str))
     store, hashes = FeatureStore(folder), {}
+    batch_size = cfg.train.batch_size // cfg.train.grad_accum  # the tower sees batches no larger than in training
     wanted = _visited(examples, batches)
     images = _hash_images(wanted, hashes, processes)
-    computed = fill(store, model.vision, prep, images, cfg.eval.batch_size, precision, processes)
+    computed = fill(store, model.vision, prep, images, batch_size, precision, processes)
     if len(wanted) < len(examples) and any(d is None or d not in store for d in hashes.values()):
         # A micro-batch of unreadable images is skipped and another one drawn, past the planned ones: cover all.
         images = _hash_images(examples, hashes, processes)
-        computed += fill(store, model.vision, prep, images, cfg.eval.batch_size, precision, processes)
+        computed += fill(store, model.vision, prep, images, batch_size, precision, processes)
     if processes.is_main:
         info(f"feature cache: {computed} of {len(hashes)} images computed, the others reused; in {folder}")
     return FeatureDataset(examples, cfg.data, store, hashes), collate_features

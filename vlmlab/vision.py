@@ -96,7 +96,9 @@ class VisionTower(nn.Module):
         if self.feature_layer == -1:  # the common case needs no list of every layer's states
             features = self.model(pixel_values=pixel_values).last_hidden_state
         else:
-            features = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+            # Asking for that one state keeps only it (transformers >= 5), not every layer's: less memory, same values.
+            states = self.model(pixel_values=pixel_values, output_hidden_states=[self.feature_layer]).hidden_states
+            features = states[self.feature_layer]
         if features.ndim == 4:  # [B, C, H, W] -> [B, H * W, C]
             features = features.flatten(2).transpose(1, 2)
         return features
