@@ -17,6 +17,7 @@ interrupted sweep continues) and the tables are printed as markdown.
 
     nice -n 10 python experiments/conditioning.py --out runs/conditioning
     python experiments/conditioning.py --out runs/conditioning --only baseline one_query --seeds 0
+    python experiments/conditioning.py --out runs/conditioning --report      # the tables again, nothing run
 """
 
 from __future__ import annotations
@@ -63,17 +64,17 @@ LORA = ["language.train=lora", "language.lora_rank=8", "language.lora_alpha=16",
 XATTN = ["language.fusion=cross_attention"]
 
 
-def condition(group, family, overrides, reuse=None, note=""):
+def condition(group, family, overrides, reuse=None):
     """A run: `overrides` over BASE; `reuse` names a trained run to diagnose again under other eval settings."""
-    return {"group": group, "family": family, "overrides": overrides, "reuse": reuse, "note": note}
+    return {"group": group, "family": family, "overrides": overrides, "reuse": reuse}
 
 
 CONDITIONS = {
     "baseline": condition("baseline", "gpt2", []),
     **{name: condition("cause", "gpt2", overrides) for name, overrides in CAUSES.items()},
     "all_causes": condition("cause", "gpt2", ALL_CAUSES),
-    # Padded on the left, 31 of a batch's 32 captions start with EOS: below 1/31 per EOS, the first real word of
-    # the one unpadded caption outweighs them.
+    # Padded on the left, all but the longest captions of a batch of 32 start with EOS: with each EOS weighing
+    # under 1/31, the first word of the unpadded ones can outweigh them at the first step.
     "padding_as_eos+eos_weight": condition("remedy", "gpt2", [*CAUSES["padding_as_eos"],
                                                               "language.eos_loss_weight=0.01"]),
     "padding_as_eos+min_tokens": condition("remedy", "gpt2", ["eval.min_new_tokens=8"], reuse="padding_as_eos"),
@@ -210,6 +211,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=list(CONDITIONS), help="run only these conditions")
     parser.add_argument("--rediagnose", action="store_true",
                         help="judge the recorded runs again with the current diagnose (no training)")
+    parser.add_argument("--report", action="store_true", help="only print the tables of the recorded runs")
     args = parser.parse_args()
     torch.set_num_threads(1)  # on a small shared CPU, one thread per process is several times faster than two
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -226,7 +228,7 @@ def main() -> int:
         for record in records:
             record.update(judge(record["name"], record["seed"], args.out))
         results.write_text("".join(json.dumps(record) + "\n" for record in records))
-    for name in names:
+    for name in [] if args.report else names:
         for seed in args.seeds:
             if (name, seed) in done:
                 continue
@@ -236,7 +238,8 @@ def main() -> int:
                 out.write(json.dumps(record) + "\n")
             report = record["report"]
             print(f"{name} seed {seed}: {report['verdict']} ({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    print(f"sweep: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if not args.report:
+        print(f"sweep: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     for group in ("baseline", "cause", "remedy", "t5"):
         print(f"\n### {group}\n")
         print("\n".join(table(records, [n for n in names if CONDITIONS[n]["group"] == group])))

@@ -284,8 +284,8 @@ def verdict(signals: dict) -> tuple[str, str, list[str]]:
 
 
 REMEDIES = {
-    "collapsed": "language.train_padding_as_eos=false (the default), language.eos_loss_weight=0.3, a lower train.lr, "
-                 "language.fusion=cross_attention; eval.min_new_tokens only hides the symptom",
+    "collapsed": "language.train_padding_as_eos=false (the default), a lower train.lr, a lower EOS weight where EOS "
+                 "fills the targets (language.eos_loss_weight=0.1); eval.min_new_tokens only hides the symptom",
     "ignores_image": "language.fusion=cross_attention, more visual tokens (connector.num_queries=32), "
                      "language.train=lora or frozen, a lower train.lr, more training data",
 }
@@ -321,7 +321,8 @@ def suspected_causes(model, signals: dict, cfg: Config, train_log: list[dict]) -
         causes.append({"cause": "padding trained as EOS",
                        "evidence": "language.train_padding_as_eos=true: the captions of each batch were padded "
                                    "on the left with trained EOS, so most of them began with EOS",
-                       "try": "language.train_padding_as_eos=false (the default), or language.eos_loss_weight=0.3"})
+                       "try": "language.train_padding_as_eos=false (the default); a lower language.eos_loss_weight "
+                              "or eval.min_new_tokens ends the empty outputs, not the image blindness"})
     num_visual = signals["num_visual_tokens"]
     share, uniform = signals.get("visual_attention_share"), signals.get("visual_attention_uniform")
     if not lm.is_encoder_decoder and lm.fusion is None:
