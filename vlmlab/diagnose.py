@@ -37,7 +37,7 @@ from PIL import Image
 from vlmlab.config import Config
 from vlmlab.data.batching import ExampleDataset
 from vlmlab.data.example import Example
-from vlmlab.evaluate import derangement, predict, score
+from vlmlab.evaluate import derangement, images_by_id, predict, score, shown_image
 from vlmlab.log import warn
 from vlmlab.prompts import format_prompt
 
@@ -97,7 +97,7 @@ def teacher_forced(model, dataset: ExampleDataset, examples: list[Example], cfg:
     """One teacher-forced pass over the references: EOS-first rate, loss per answer token, and where the LM looks
     at the first answer step. `swap` replaces image ids, as in `evaluate.predict`."""
     lm = model.language
-    by_id = {example.image_id: example for example in dataset.examples}
+    by_id = images_by_id(dataset)
     eos_first, eos_prob, loss_sum, tokens, shares, uniform, num_visual = [], [], 0.0, 0, [], [], None
     meter = _UpdateMeter(lm.fusion) if attention and lm.fusion is not None else None
     looking = eager_attention(lm.model) if attention and lm.fusion is None else contextlib.nullcontext()
@@ -105,8 +105,7 @@ def teacher_forced(model, dataset: ExampleDataset, examples: list[Example], cfg:
         for chunk in _chunks(examples, cfg.eval.batch_size):
             usable, pixels = [], []
             for example in chunk:
-                image_id = swap.get(example.image_id, example.image_id) if swap else example.image_id
-                image_pixels = dataset.pixels(by_id.get(image_id, example))
+                _, image_pixels = shown_image(dataset, by_id, example, swap)
                 if image_pixels is not None:
                     usable.append(example)
                     pixels.append(image_pixels)

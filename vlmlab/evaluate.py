@@ -34,10 +34,23 @@ def derangement(image_ids: list[str], seed: int) -> dict[str, str]:
     return {ids[i]: ids[(i + 1) % len(ids)] for i in range(len(ids))}
 
 
+def images_by_id(dataset: ExampleDataset) -> dict[str, Example]:
+    """An example of each image id of `dataset`, to find the image a swap shows in another example's place."""
+    return {example.image_id: example for example in dataset.examples}
+
+
+def shown_image(dataset: ExampleDataset, by_id: dict[str, Example], example: Example,
+                swap: dict | None) -> tuple[str, torch.Tensor | None]:
+    """(image id, pixels or None when unusable) of the image `example` is shown: its own, or the one `swap` puts
+    in its place. Pixels come from the dataset's per-image cache."""
+    image_id = swap.get(example.image_id, example.image_id) if swap else example.image_id
+    return image_id, dataset.pixels(by_id.get(image_id, example))
+
+
 def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config, swap: dict | None = None,
             desc: str = "eval") -> list[str]:
     """Generated text for each example (None where its image is unusable); `swap` replaces image ids."""
-    by_id = {example.image_id: example for example in dataset.examples}
+    by_id = images_by_id(dataset)
     outputs: list[str | None] = [None] * len(examples)
     groups = defaultdict(list)  # captions and answers differ in length budget: generate them apart
     for index, example in enumerate(examples):
@@ -51,8 +64,7 @@ def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config
             pixels = []
             for index in indices[start : start + ev.batch_size]:
                 example = examples[index]
-                image_id = swap.get(example.image_id, example.image_id) if swap else example.image_id
-                image_pixels = dataset.pixels(by_id.get(image_id, example))  # cached per image by the dataset
+                image_id, image_pixels = shown_image(dataset, by_id, example, swap)
                 if image_pixels is not None:
                     key = image_id or str(index)  # examples without an image id share no image
                     if key not in slots:
