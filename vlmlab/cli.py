@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  vlmlab bench                                   # the tiny default, seconds on a CPU\n"
                "  vlmlab bench --preset recommended --json       # CLIP ViT-L/14 + Q-Former + Flan-T5-base (a GPU)\n"
                "  vlmlab bench --preset recommended train.batch_size=4 --steps 2 --epochs 2   # the same on a CPU")
-    bench.add_argument("--preset", default="default", help="named preset whose architecture is measured")
+    bench.add_argument("--preset", default="tiny-qformer",
+                       help="named preset whose architecture is measured (a ViT and a Q-Former, as BLIP-2 has)")
     bench.add_argument("--steps", type=int, default=4, help="training steps per epoch (default 4)")
     bench.add_argument("--epochs", type=int, default=3, help="epochs, the first one measured apart (default 3)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")

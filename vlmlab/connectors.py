@@ -6,6 +6,9 @@ One contract, four builders in a plain dict:
 - perceiver: M learned latents attend to [features; latents] (Flamingo's perceiver resampler), then project.
 - mlp: two-layer GELU MLP per feature (LLaVA-1.5); M = N.
 - linear: one linear map per feature (LLaVA-1); M = N.
+
+A convolutional tower's features carry no position of their own (a ViT's do), so every connector gives them a
+learned one; without it an MLP connector's tokens would not say where in the image each feature was.
 """
 
 from __future__ import annotations
@@ -73,18 +76,23 @@ class PerceiverLayer(nn.Module):
         return latents + self.ff(self.ff_norm(latents))
 
 
+def feature_positions(num_features: int, width: int) -> nn.Parameter:
+    """A learned embedding per feature position `[N, width]`, starting at zero."""
+    return nn.Parameter(torch.zeros(num_features, width))
+
+
 class QueryResampler(nn.Module):
     """M learned queries refined by `layers` against the image features, then projected to the LM width.
 
-    Each of the N feature positions gets a learned embedding: attention alone is blind to order, and a
-    convolutional tower's features carry no position of their own (a ViT's do; there it is a harmless extra).
+    Each of the N feature positions gets a learned embedding, whatever the tower: attention alone is blind to
+    order (a ViT's features carry positions already; there it is a harmless extra).
     """
 
     def __init__(self, layer_class, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int):
         super().__init__()
         dim = cfg.hidden_size
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, dim) * 0.02)  # [M, D]
-        self.positions = nn.Parameter(torch.zeros(num_features, dim))  # [N, D]
+        self.positions = feature_positions(num_features, dim)  # [N, D]
         self.feature_proj = nn.Sequential(nn.Linear(vision_dim, dim), nn.LayerNorm(dim))
         self.layers = nn.ModuleList(layer_class(dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers))
         self.out_norm = nn.LayerNorm(dim)
@@ -98,25 +106,43 @@ class QueryResampler(nn.Module):
         return self.out_proj(self.out_norm(queries))  # [B, M, Dl]
 
 
-def _qformer(cfg, vision_dim, lm_dim, num_features):
+class PerFeature(nn.Module):
+    """Maps each feature `[B, N, Dv]` to a token `[B, N, Dl]` on its own (LLaVA); with `positioned`, each
+    feature gets its learned position first (a convolutional tower's), else it goes in as it is (a ViT's)."""
+
+    def __init__(self, projection: nn.Module, num_features: int, vision_dim: int, positioned: bool):
+        super().__init__()
+        self.projection = projection
+        self.positions = feature_positions(num_features, vision_dim) if positioned else None  # [N, Dv]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.positions is not None:
+            features = features + self.positions
+        return self.projection(features)
+
+
+def _qformer(cfg, vision_dim, lm_dim, num_features, positioned):
     return QueryResampler(QFormerLayer, cfg, vision_dim, lm_dim, num_features)
 
 
-def _perceiver(cfg, vision_dim, lm_dim, num_features):
+def _perceiver(cfg, vision_dim, lm_dim, num_features, positioned):
     return QueryResampler(PerceiverLayer, cfg, vision_dim, lm_dim, num_features)
 
 
-def _mlp(cfg, vision_dim, lm_dim, num_features):
-    return nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+def _mlp(cfg, vision_dim, lm_dim, num_features, positioned):
+    mlp = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+    return PerFeature(mlp, num_features, vision_dim, positioned)
 
 
-def _linear(cfg, vision_dim, lm_dim, num_features):
-    return nn.Linear(vision_dim, lm_dim)
+def _linear(cfg, vision_dim, lm_dim, num_features, positioned):
+    return PerFeature(nn.Linear(vision_dim, lm_dim), num_features, vision_dim, positioned)
 
 
 CONNECTORS = {"qformer": _qformer, "perceiver": _perceiver, "mlp": _mlp, "linear": _linear}
 
 
-def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int) -> nn.Module:
-    """A connector for `num_features` vision features of width `vision_dim`, emitting tokens of width `lm_dim`."""
-    return lookup(CONNECTORS, cfg.kind, "connector")(cfg, vision_dim, lm_dim, num_features)
+def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int,
+                    positioned: bool = False) -> nn.Module:
+    """A connector for `num_features` vision features of width `vision_dim`, emitting tokens of width `lm_dim`;
+    `positioned`: the features carry no position of their own (a convolutional map, `VisionTower.feature_grid`)."""
+    return lookup(CONNECTORS, cfg.kind, "connector")(cfg, vision_dim, lm_dim, num_features, positioned)

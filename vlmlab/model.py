@@ -189,7 +189,8 @@ def assemble_vlm(vision: VisionTower, language: LanguageModel, config: Config) -
     """Adds the connector that fits `vision` to `language`, and sets how each part trains (tuning.py)."""
     num_features, vision_dim = vision.output_shape()
     num_features *= num_views(config.data)  # image splitting: the views' features are concatenated along N
-    connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features)
+    positioned = vision.feature_grid() is not None  # a convnet's features say nothing of where they were
+    connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features, positioned)
     model = VLM(vision, connector, language, config)
     for part in ("vision", "language"):
         apply_tuning(getattr(model, part), getattr(config, part), part)

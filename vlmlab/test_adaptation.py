@@ -17,7 +17,7 @@ from vlmlab.train import train, training_texts
 
 def test_image_splitting_feeds_five_views_per_image():
     examples = make_split("train", 3, questions_per_image=1)
-    cfg = apply_overrides(get_preset("default"), [*SMALL, "data.image_split=true", "vision.image_size=32"])
+    cfg = apply_overrides(get_preset("tiny-qformer"), [*SMALL, "data.image_split=true", "vision.image_size=32"])
     model = build_vlm(cfg, training_texts(examples, cfg.data))
     features_per_view = model.vision.output_shape()[0]
     assert model.connector.positions.shape[0] == 5 * features_per_view  # the views' features concatenated along N
@@ -33,12 +33,12 @@ def test_image_splitting_feeds_five_views_per_image():
 def test_a_caption_model_starts_a_vqa_run(tmp_path):
     caption_data = DataConfig(questions_per_image=0, train_images=6)
     torch.manual_seed(0)
-    captioner = build_vlm(apply_overrides(get_preset("default"), [*SMALL, "connector.num_queries=6"]),
+    captioner = build_vlm(apply_overrides(get_preset("tiny-qformer"), [*SMALL, "connector.num_queries=6"]),
                           training_texts(make_split("train", 6, questions_per_image=0), caption_data))
     captioner.save(tmp_path / "captioner")
 
     # The VQA run asks for another connector size and a frozen tower: the saved architecture wins, the freezing holds.
-    vqa = apply_overrides(get_preset("default"), [*SMALL, "connector.num_queries=16", "vision.train=frozen",
+    vqa = apply_overrides(get_preset("tiny-qformer"), [*SMALL, "connector.num_queries=16", "vision.train=frozen",
                                                   f"train.init_from={tmp_path / 'captioner'}", "data.captions=false"])
     model = start_from(tmp_path / "captioner", vqa)
     assert model.config.connector.num_queries == 6 and model.config.data.captions is False
@@ -64,8 +64,8 @@ def test_a_lora_model_is_merged_then_started_from(tmp_path):
     examples = make_split("train", 4, questions_per_image=1)
     texts = training_texts(examples, DataConfig())
     torch.manual_seed(0)
-    build_vlm(apply_overrides(get_preset("default"), SMALL), texts).language.save(tmp_path / "lm")  # "pretrained"
-    adapted = build_vlm(apply_overrides(get_preset("default"), [
+    build_vlm(apply_overrides(get_preset("tiny-qformer"), SMALL), texts).language.save(tmp_path / "lm")  # "pretrained"
+    adapted = build_vlm(apply_overrides(get_preset("tiny-qformer"), [
         *SMALL, f"language.model={tmp_path / 'lm'}", "language.train=lora", "language.lora_rank=2"]))
     with torch.no_grad():  # an adapter that changes the outputs, as a trained one does
         for name, param in adapted.named_parameters():
@@ -77,7 +77,7 @@ def test_a_lora_model_is_merged_then_started_from(tmp_path):
     with torch.no_grad():
         expected = adapted.eval()(pixels, prompts, targets)
 
-    model = start_from(tmp_path / "adapted", apply_overrides(get_preset("default"), [*SMALL, "language.train=frozen"]))
+    model = start_from(tmp_path / "adapted", apply_overrides(get_preset("tiny-qformer"), [*SMALL, "language.train=frozen"]))
     assert model.config.language.model == "" and model.config.language.train == "frozen"
     assert not any(p.requires_grad for p in model.language.parameters())
     model.save(tmp_path / "again")  # saved in full: base and adapter merged exist in no other folder

@@ -31,3 +31,22 @@ def test_queries_receive_gradient_from_the_features():
 def test_unknown_connector_lists_valid_ones():
     with pytest.raises(ConfigError, match="qformer, perceiver, mlp, linear"):
         build_connector(ConnectorConfig(kind="resampler"), 8, 8, 4)
+
+
+
+@pytest.mark.parametrize("kind", list(CONNECTORS))
+def test_positioned_features_differ_by_cell_once_positions_are_learned(kind):
+    cfg = ConnectorConfig(kind=kind, num_queries=4, hidden_size=32, num_layers=1, num_heads=4)
+    torch.manual_seed(0)
+    connector = build_connector(cfg, vision_dim=8, lm_dim=8, num_features=16, positioned=True)
+    features = torch.zeros(1, 16, 8)
+    features[0, 0] = 1.0  # one feature, in cell 0 ...
+    moved = torch.zeros(1, 16, 8)
+    moved[0, 5] = 1.0  # ... or in cell 5
+    if kind in ("mlp", "linear"):  # at zero positions a per-feature map only moves the token along
+        assert torch.allclose(connector(features)[0, 0], connector(moved)[0, 5], atol=1e-6)
+    with torch.no_grad():
+        connector.positions.normal_()  # what training does to them, in one go
+    assert not torch.allclose(connector(features), connector(moved), atol=1e-4)
+    if kind in ("mlp", "linear"):  # a ViT's tokens carry their own positions: LLaVA's connector maps them as they are
+        assert build_connector(cfg, vision_dim=8, lm_dim=8, num_features=16).positions is None

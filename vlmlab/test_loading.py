@@ -22,7 +22,7 @@ def saved(tmp_path_factory):
     directory = tmp_path_factory.mktemp("saved") / "model"
     examples = make_split("train", 4, questions_per_image=1)
     torch.manual_seed(0)
-    build_vlm(small("default"), training_texts(examples, DataConfig())).save(directory)
+    build_vlm(small("tiny-qformer"), training_texts(examples, DataConfig())).save(directory)
     return directory
 
 

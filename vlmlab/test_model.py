@@ -31,7 +31,9 @@ def test_every_preset_builds_at_its_real_size(preset, examples):
     lines = describe_parts(model)
     assert [line.split()[0] for line in lines] == ["vision", "connector", "language"]
     pixels = model.pixels_of([e.image for e in examples[:2]])
-    assert model.visual_tokens(pixels).shape == (2, model.config.connector.num_queries, model.language.hidden_size)
+    per_feature = model.config.connector.kind in ("mlp", "linear")  # one token per feature, else one per query
+    visual = model.config.connector.num_queries if not per_feature else model.vision.output_shape()[0]
+    assert model.visual_tokens(pixels).shape == (2, visual, model.language.hidden_size)
 
 
 def test_frozen_parts_get_no_gradient(examples):
@@ -66,14 +68,16 @@ def test_save_load_gives_identical_outputs(preset, examples, tmp_path):
 @pytest.mark.parametrize("preset", list(TINY_PRESETS))
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_batched_generation_equals_one_at_a_time(preset, num_beams, examples):
-    torch.manual_seed(1)
+    torch.manual_seed(2)
     model = build_vlm(small(preset), training_texts(examples, DataConfig())).eval()
     # Prompts of different lengths, so padding really happens (left for causal LMs, right for T5's encoder).
     chosen = [examples[0], examples[1], examples[5], examples[6]]
     pixels, prompts, _ = _batch(model, chosen)
     assert len({len(p) for p in prompts}) > 1
-    batched = model.generate(pixels, prompts, 8, num_beams=num_beams)
-    single = [model.generate(pixels[i : i + 1], prompts[i : i + 1], 8, num_beams=num_beams)[0] for i in range(4)]
+    # At least 3 new tokens: a random model may well say EOS first, which would make the comparison empty.
+    batched = model.generate(pixels, prompts, 8, num_beams=num_beams, min_new_tokens=3)
+    single = [model.generate(pixels[i : i + 1], prompts[i : i + 1], 8, num_beams=num_beams, min_new_tokens=3)[0]
+              for i in range(4)]
     assert batched == single
     assert any(text for text in batched), "a random tiny model still says something"
 
@@ -96,7 +100,7 @@ def test_overfits_one_batch(preset, examples):
     model.eval()
     assert model.generate(pixels, prompts, 5) == targets
     # The gradient reached the first layer of the vision tower, through the connector, from the LM's loss.
-    assert model.connector.queries.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in model.connector.parameters())
     first_layer = next(p for name, p in model.vision.named_parameters() if "embed" in name)
     assert first_layer.grad.abs().sum() > 0
 

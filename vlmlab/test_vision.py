@@ -28,6 +28,8 @@ def test_convolutional_maps_are_read_row_by_row():
     features = tower(pixels)
     assert features.shape == (1, 64, 32)
     assert torch.allclose(features[0, 9], grid[0, :, 1, 1])  # row 1, column 1
+    assert tower.feature_grid() == (8, 8)
+    assert build_vision(VisionConfig(**TINY)).feature_grid() is None  # a ViT's tokens carry their positions
 
 
 def test_feature_layer_picks_a_hidden_state():

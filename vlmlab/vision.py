@@ -83,22 +83,34 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def output_shape(self) -> tuple[int, int]:
         """(N, Dv) of this tower's features, read off one blank image (towers name their widths differently)."""
-        blank = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8, device=self.mean.device)
-        _, length, width = self(blank).shape
+        _, length, width = self(self._blank()).shape
         return length, width
+
+    @torch.no_grad()
+    def feature_grid(self) -> tuple[int, int] | None:
+        """(H, W) of a convolutional tower's map, whose H * W features carry no position of their own (the
+        connector adds one); None for a ViT, whose tokens carry theirs."""
+        state = self._hidden_state(self._blank())
+        return tuple(state.shape[2:]) if state.ndim == 4 else None
+
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8, device=self.mean.device)
+
+    def _hidden_state(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The tower's hidden state `feature_layer`: `[B, N, Dv]` for a ViT, `[B, C, H, W]` for a convnet."""
+        dtype = next(self.model.parameters()).dtype
+        pixel_values = ((pixels.float() / 255.0 - self.mean) / self.std).to(dtype)
+        if self.feature_layer == -1:  # the common case needs no list of every layer's states
+            return self.model(pixel_values=pixel_values).last_hidden_state
+        # Asking for that one state keeps only it (transformers >= 5), not every layer's: less memory, same values.
+        states = self.model(pixel_values=pixel_values, output_hidden_states=[self.feature_layer]).hidden_states
+        return states[self.feature_layer]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.ndim == 5:  # image splitting: views [B, V, 3, S, S], each encoded alone -> [B, V * N, Dv]
             batch, views = pixels.shape[:2]
             return self(pixels.flatten(0, 1)).unflatten(0, (batch, views)).flatten(1, 2)
-        dtype = next(self.model.parameters()).dtype
-        pixel_values = ((pixels.float() / 255.0 - self.mean) / self.std).to(dtype)
-        if self.feature_layer == -1:  # the common case needs no list of every layer's states
-            features = self.model(pixel_values=pixel_values).last_hidden_state
-        else:
-            # Asking for that one state keeps only it (transformers >= 5), not every layer's: less memory, same values.
-            states = self.model(pixel_values=pixel_values, output_hidden_states=[self.feature_layer]).hidden_states
-            features = states[self.feature_layer]
+        features = self._hidden_state(pixels)
         if features.ndim == 4:  # [B, C, H, W] -> [B, H * W, C]
             features = features.flatten(2).transpose(1, 2)
         return features
