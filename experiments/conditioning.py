@@ -87,7 +87,7 @@ CONDITIONS = {
     "t5_baseline": condition("t5", "t5", []),
     "t5_all_causes": condition("t5", "t5", ALL_CAUSES),
 }
-PRESET = {"gpt2": "tiny-gpt2", "t5": "default"}
+PRESET = {"gpt2": "tiny-gpt2", "t5": "tiny-qformer"}
 PRETRAIN_STEPS, PRETRAIN_IMAGES = 300, 1500  # the LM's caption-language prior, learned from text alone
 
 
