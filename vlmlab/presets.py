@@ -23,6 +23,7 @@ def default() -> Config:
     # 16-query Q-Former trained from scratch alongside lost the shapes and the words (README, what was tried).
     cfg.connector.kind = "mlp"
     cfg.train.lr = 1e-3
+    cfg.train.max_steps = 1500  # ~400 s on 2 cores: 0.91 VQA accuracy (1000 steps: 0.89)
     return cfg
 
 
