@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(vlmlab from its feature cache), then generates with both. Each side runs in a process of its "
                     "own. Prints samples/s (first and later epochs), generated tokens/s and peak memory, and the "
                     "ratios vlmlab / BLIP-2.",
-        epilog="examples:\n  vlmlab bench                                   # the tiny default, seconds on a CPU\n"
+        epilog="examples:\n  vlmlab bench                                   # tiny-qformer, seconds on a CPU\n"
                "  vlmlab bench --preset recommended --json       # CLIP ViT-L/14 + Q-Former + Flan-T5-base (a GPU)\n"
                "  vlmlab bench --preset recommended train.batch_size=4 --steps 2 --epochs 2   # the same on a CPU")
     bench.add_argument("--preset", default="tiny-qformer",

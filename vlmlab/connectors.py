@@ -144,5 +144,5 @@ CONNECTORS = {"qformer": _qformer, "perceiver": _perceiver, "mlp": _mlp, "linear
 def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int,
                     positioned: bool = False) -> nn.Module:
     """A connector for `num_features` vision features of width `vision_dim`, emitting tokens of width `lm_dim`;
-    `positioned`: the features carry no position of their own (a convolutional map, `VisionTower.feature_grid`)."""
+    `positioned`: the features carry no position of their own (a convolutional map, `VisionTower.feature_layout`)."""
     return lookup(CONNECTORS, cfg.kind, "connector")(cfg, vision_dim, lm_dim, num_features, positioned)

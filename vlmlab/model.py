@@ -187,9 +187,9 @@ def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
 
 def assemble_vlm(vision: VisionTower, language: LanguageModel, config: Config) -> VLM:
     """Adds the connector that fits `vision` to `language`, and sets how each part trains (tuning.py)."""
-    num_features, vision_dim = vision.output_shape()
+    num_features, vision_dim, grid = vision.feature_layout()
     num_features *= num_views(config.data)  # image splitting: the views' features are concatenated along N
-    positioned = vision.feature_grid() is not None  # a convnet's features say nothing of where they were
+    positioned = grid is not None  # a convnet's features say nothing of where they were
     connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features, positioned)
     model = VLM(vision, connector, language, config)
     for part in ("vision", "language"):

@@ -19,7 +19,7 @@ def test_image_splitting_feeds_five_views_per_image():
     examples = make_split("train", 3, questions_per_image=1)
     cfg = apply_overrides(get_preset("tiny-qformer"), [*SMALL, "data.image_split=true", "vision.image_size=32"])
     model = build_vlm(cfg, training_texts(examples, cfg.data))
-    features_per_view = model.vision.output_shape()[0]
+    features_per_view = model.vision.feature_layout()[0]
     assert model.connector.positions.shape[0] == 5 * features_per_view  # the views' features concatenated along N
     batch = collate([ExampleDataset(examples, cfg.data, 32)[i] for i in range(len(examples))])
     assert batch["pixels"].shape == (3, 5, 3, 32, 32)
@@ -77,7 +77,8 @@ def test_a_lora_model_is_merged_then_started_from(tmp_path):
     with torch.no_grad():
         expected = adapted.eval()(pixels, prompts, targets)
 
-    model = start_from(tmp_path / "adapted", apply_overrides(get_preset("tiny-qformer"), [*SMALL, "language.train=frozen"]))
+    model = start_from(tmp_path / "adapted",
+                       apply_overrides(get_preset("tiny-qformer"), [*SMALL, "language.train=frozen"]))
     assert model.config.language.model == "" and model.config.language.train == "frozen"
     assert not any(p.requires_grad for p in model.language.parameters())
     model.save(tmp_path / "again")  # saved in full: base and adapter merged exist in no other folder

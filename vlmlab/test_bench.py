@@ -19,8 +19,8 @@ RATIOS = ("train_speedup_vs_hf", "train_speedup_vs_hf_first_epoch", "generate_sp
 
 
 def test_bench_runs_both_sides_and_prints_the_ratios(capsys):
-    assert main(["bench", "--json", "--cpu-time", "--steps", "1", "--epochs", "2", "--preset", "tiny-qformer", *SMALL, "train.batch_size=2",
-                 "eval.max_new_tokens=2"]) == 0
+    assert main(["bench", "--json", "--cpu-time", "--steps", "1", "--epochs", "2", "--preset", "tiny-qformer", *SMALL,
+                 "train.batch_size=2", "eval.max_new_tokens=2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert all(result[key] > 0 for key in RATIOS)
     ours, peer = result["vlmlab"], result["transformers_blip2"]

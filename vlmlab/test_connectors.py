@@ -33,7 +33,6 @@ def test_unknown_connector_lists_valid_ones():
         build_connector(ConnectorConfig(kind="resampler"), 8, 8, 4)
 
 
-
 @pytest.mark.parametrize("kind", list(CONNECTORS))
 def test_positioned_features_differ_by_cell_once_positions_are_learned(kind):
     cfg = ConnectorConfig(kind=kind, num_queries=4, hidden_size=32, num_layers=1, num_heads=4)

@@ -19,9 +19,9 @@ from vlmlab.train import training_texts
 
 # A tower without BatchNorm: a micro-batch cut in pieces then gives exactly the uncut gradient (the default's
 # ResNet normalises by the statistics of whatever piece it sees).
-TINY = ["--preset", "tiny-qformer", *SMALL, "data.train_images=6", "data.eval_images=2", "data.captions=false", "train.batch_size=6",
-        "train.max_steps=3", "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=1",
-        "eval.caption_metrics=false", "eval.shuffled_control=false"]
+TINY = ["--preset", "tiny-qformer", *SMALL, "data.train_images=6", "data.eval_images=2", "data.captions=false",
+        "train.batch_size=6", "train.max_steps=3", "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+        "train.warmup_steps=1", "eval.caption_metrics=false", "eval.shuffled_control=false"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -32,7 +32,7 @@ def test_every_preset_builds_at_its_real_size(preset, examples):
     assert [line.split()[0] for line in lines] == ["vision", "connector", "language"]
     pixels = model.pixels_of([e.image for e in examples[:2]])
     per_feature = model.config.connector.kind in ("mlp", "linear")  # one token per feature, else one per query
-    visual = model.config.connector.num_queries if not per_feature else model.vision.output_shape()[0]
+    visual = model.config.connector.num_queries if not per_feature else model.vision.feature_layout()[0]
     assert model.visual_tokens(pixels).shape == (2, visual, model.language.hidden_size)
 
 

@@ -14,7 +14,7 @@ def test_tiny_towers_give_b_n_dv_and_reload_by_path(family, tmp_path):
     pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     features = tower(pixels)
     assert features.ndim == 3 and features.shape[0] == 2
-    assert tower.output_shape() == tuple(features.shape[1:])
+    assert tower.feature_layout()[:2] == tuple(features.shape[1:])
     tower.save(tmp_path / "tower")
     loaded = build_vision(VisionConfig(model=str(tmp_path / "tower"), **TINY)).eval()
     assert torch.equal(loaded.mean, tower.mean) and loaded.image_size == 32
@@ -28,8 +28,8 @@ def test_convolutional_maps_are_read_row_by_row():
     features = tower(pixels)
     assert features.shape == (1, 64, 32)
     assert torch.allclose(features[0, 9], grid[0, :, 1, 1])  # row 1, column 1
-    assert tower.feature_grid() == (8, 8)
-    assert build_vision(VisionConfig(**TINY)).feature_grid() is None  # a ViT's tokens carry their positions
+    assert tower.feature_layout() == (64, 32, (8, 8))
+    assert build_vision(VisionConfig(**TINY)).feature_layout()[2] is None  # a ViT's tokens carry their positions
 
 
 def test_feature_layer_picks_a_hidden_state():
@@ -49,7 +49,7 @@ def test_a_dual_encoder_checkpoint_loads_only_its_vision_half(tmp_path):
     CLIPModel(config).save_pretrained(tmp_path / "clip")
     tower = build_vision(VisionConfig(model=str(tmp_path / "clip")))
     assert type(tower.model).__name__ == "CLIPVisionModel" and tower.image_size == 32
-    assert tower.output_shape() == (17, 16)  # 16 patches + CLS
+    assert tower.feature_layout() == (17, 16, None)  # 16 patches + CLS
     assert tower.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])  # no preprocessor saved
 
 

@@ -81,20 +81,19 @@ class VisionTower(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
-    def output_shape(self) -> tuple[int, int]:
-        """(N, Dv) of this tower's features, read off one blank image (towers name their widths differently)."""
-        _, length, width = self(self._blank()).shape
-        return length, width
+    def feature_layout(self) -> tuple[int, int, tuple[int, int] | None]:
+        """(N, Dv, grid) of this tower's features, read off one blank image (towers name their widths differently).
 
-    @torch.no_grad()
-    def feature_grid(self) -> tuple[int, int] | None:
-        """(H, W) of a convolutional tower's map, whose H * W features carry no position of their own (the
-        connector adds one); None for a ViT, whose tokens carry theirs."""
-        state = self._hidden_state(self._blank())
-        return tuple(state.shape[2:]) if state.ndim == 4 else None
-
-    def _blank(self) -> torch.Tensor:
-        return torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8, device=self.mean.device)
+        grid: (H, W) of a convolutional tower's map, whose H * W features carry no position of their own (the
+        connector adds one); None for a ViT, whose tokens carry theirs.
+        """
+        blank = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8, device=self.mean.device)
+        state = self._hidden_state(blank)
+        if state.ndim == 4:  # [1, C, H, W]
+            _, width, rows, columns = state.shape
+            return rows * columns, width, (rows, columns)
+        _, length, width = state.shape
+        return length, width, None
 
     def _hidden_state(self, pixels: torch.Tensor) -> torch.Tensor:
         """The tower's hidden state `feature_layer`: `[B, N, Dv]` for a ViT, `[B, C, H, W]` for a convnet."""
