@@ -110,6 +110,7 @@ class TrainConfig:
     num_workers: int = 0
     feature_cache: str = "auto"  # tower features once per image, on disk: auto (frozen, no augmentation) | on | off
     feature_cache_dir: str = ""  # "": <out>/feature_cache; one folder can serve many runs (keyed by tower, image)
+    park_tower: bool = True  # training from the cache: the tower's weights wait off the device (parking.py)
     compile: bool = False  # torch.compile the tower, connector and LM (pays off on a GPU; first steps compile)
     log_every: int = 25
     eval_every: int = 250  # 0: no evaluation during training

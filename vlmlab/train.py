@@ -33,6 +33,7 @@ from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace
                            write_text_atomically)
 from vlmlab.log import info
 from vlmlab.model import VLM, build_vlm, describe_parts, start_from
+from vlmlab.parking import park_if_cached
 from vlmlab.prompts import format_prompt
 from vlmlab.registry import lookup
 from vlmlab.tuning import enable_gradient_checkpointing
@@ -214,6 +215,9 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     guard.resume(log_path, start_step)
 
     forward = processes.wrap(model)  # DDP under several processes
+    # After DDP has read every weight: the tower is parked while steps read the cache, back for what runs it.
+    parking = park_if_cached(model, dataset) if tc.park_tower else None
+    tower_present = parking.unparked if parking else contextlib.nullcontext
 
     def backward(batch: dict, share: float) -> float:
         """Forward and backward of a micro-batch, or of a piece of one holding `share` of its loss."""
@@ -252,15 +256,20 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
                  "grad_norm": float(grad_norm), "samples_per_second": samples / elapsed, "elapsed_seconds": elapsed})
             window_loss, window_steps = 0.0, 0
         if processes.is_main and tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
-            metrics, _ = evaluate(model, val_examples, val_cfg)
+            with tower_present():
+                metrics, _ = evaluate(model, val_examples, val_cfg)
             log({"step": done, "eval": metrics})
             info(f"step {done}: val VQA accuracy {metrics['vqa_accuracy']}, "
                  f"shuffled images {metrics.get('vqa_accuracy_shuffled_images')}")
         if processes.is_main and alarm.due(done):
-            log({"step": done, "conditioning": alarm.check(model, done)})
+            with tower_present():
+                log({"step": done, "conditioning": alarm.check(model, done)})
         if processes.is_main and tc.save_every and done % tc.save_every == 0 and done < tc.max_steps:
-            save_checkpoint(out_dir, model, optimizer, scheduler, scaler, done)
+            with tower_present():
+                save_checkpoint(out_dir, model, optimizer, scheduler, scaler, done)
     bar.close()
+    if parking:
+        parking.unpark()
     train_seconds = time.perf_counter() - started
     if not processes.is_main:
         return {}  # the main process saves, evaluates and reports
