@@ -19,9 +19,10 @@ RATIOS = ("train_speedup_vs_hf", "train_speedup_vs_hf_first_epoch", "generate_sp
 
 
 def test_bench_runs_both_sides_and_prints_the_ratios(capsys):
-    assert main(["bench", "--json", "--cpu-time", "--steps", "1", "--epochs", "2", "--preset", "tiny-qformer", *SMALL,
-                 "train.batch_size=2", "eval.max_new_tokens=2"]) == 0
+    assert main(["bench", "--json", "--cpu-time", "--steps", "1", "--epochs", "2", "--preset", "tiny-qformer",
+                 "--questions-per-image", "2", *SMALL, "train.batch_size=4", "eval.max_new_tokens=2"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["questions_per_image"] == 2.0  # vlmlab trains and generates with its images shared
     assert all(result[key] > 0 for key in RATIOS)
     ours, peer = result["vlmlab"], result["transformers_blip2"]
     for side in (ours, peer):
@@ -53,3 +54,12 @@ def test_the_peer_mirrors_the_recommended_recipe():
 def test_what_blip2_cannot_mirror_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         plan(apply_overrides(get_preset("tiny-qformer"), [*SMALL, override]), steps=1, epochs=2)
+
+
+def test_questions_per_image_is_the_average_asked():
+    cfg = apply_overrides(get_preset("tiny-qformer"), [*SMALL, "train.batch_size=16"])
+    assert plan(cfg, steps=4, epochs=2).questions_per_image == 1.0
+    assert plan(cfg, steps=4, epochs=2, questions_per_image=2).questions_per_image == 2.0
+    assert 1.1 < plan(cfg, steps=4, epochs=2, questions_per_image=1.4).questions_per_image < 1.7
+    with pytest.raises(ConfigError, match="between 1 and 2"):
+        plan(cfg, steps=4, epochs=2, questions_per_image=3)
