@@ -14,6 +14,7 @@ optimizer, DDP and `VLM.device` see no change, and nothing has to be rebuilt.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import uuid
 from pathlib import Path
@@ -24,8 +25,22 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlmlab.feature_cache import FeatureDataset
+from vlmlab.log import info
 
 SPILL_FILE = "tower.safetensors"  # in the cache folder, whose key already covers every weight of the tower
+
+
+def return_free_heap() -> None:
+    """Hands the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    glibc keeps memory that tensors freed in its heaps, and new tensors above its mmap threshold are mapped afresh
+    rather than placed there: without this, a tower brought back after training steps would add its size to the
+    process's resident set on top of the steps' freed activations.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator returns memory its own way
+        pass
 
 
 class TowerParking:
@@ -68,6 +83,7 @@ class TowerParking:
             torch.cuda.synchronize()  # the copies have landed before the pinned buffers go
             self.host = {}
         else:
+            return_free_heap()  # so that the weights fill memory training left free instead of adding to it
             with safe_open(self.spill_file, framework="pt", device="cpu") as spilled:
                 for name, param in self.params.items():
                     param.data = spilled.get_tensor(name)
@@ -89,4 +105,6 @@ def park_if_cached(model, dataset) -> TowerParking | None:
         return None
     parking = TowerParking(model.vision.model, dataset.store.folder)
     parking.park()
+    where = "in host memory" if parking.on_gpu else f"in {parking.spill_file}"
+    info(f"vision tower parked {where} while steps read the feature cache; back for evaluation and saving")
     return parking
