@@ -15,13 +15,15 @@ each process's CPU time with torch on one thread, which other processes cannot s
   feature cache (feature_cache.py) and trains from them; BLIP-2 runs its tower on every example;
 - training samples/s in the later epochs: vlmlab reads its cache, its tower parked (parking.py) as in
   `vlmlab train`; BLIP-2 runs its tower again;
-- generation tokens/s: greedy and batched with the KV cache, the tower included (vlmlab's brought back first),
-  exactly `eval.max_new_tokens` new tokens per example on both sides (min_new_tokens = max_new_tokens);
+- generation tokens/s: greedy and batched with the KV cache, the tower included, exactly `eval.max_new_tokens`
+  new tokens per example on both sides (min_new_tokens = max_new_tokens); vlmlab's tower is brought back from
+  parking before, timed apart (`ready_to_generate_seconds`: a cost paid once per evaluation during training);
 - peak memory over the whole run of the side.
-The data is the synthetic world drawn at the tower's resolution with `questions_per_image` questions per image on
-average (1 or 2 each). vlmlab runs its tower and connector once per image, as it does in training and evaluation;
-BLIP-2's interface takes an image per question. 1 is the strictest case; a uniform draw of 40k of VQAv2's
-443,757 training questions over its 82,783 images, the recommended recipe's data, gives about 1.22.
+The data is the synthetic world drawn at the tower's resolution, each batch over round(batch / Q) images of which
+some carry a second question, Q = `questions_per_image`. vlmlab runs its tower and connector once per image, as
+it does in training and evaluation; BLIP-2's interface takes an image per question. Q = 1 is the strictest case;
+a uniform draw of 40k of VQAv2's 443,757 training questions over its 82,783 images, the recommended recipe's
+data, gives about 1.22.
 """
 
 from __future__ import annotations
@@ -30,12 +32,10 @@ import contextlib
 import copy
 import dataclasses
 import multiprocessing
-import random
 import resource
 import sys
 import tempfile
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ from transformers import (AutoModel, AutoModelForSeq2SeqLM, Blip2Config, Blip2Fo
                           Blip2QFormerConfig, Blip2VisionConfig, CLIPVisionConfig, T5Config)
 
 from vlmlab.config import Config, ConfigError, validate
-from vlmlab.data.batching import ExampleDataset, StepBatches, collate, image_groups
+from vlmlab.data.batching import ExampleDataset, collate
 from vlmlab.data.synthetic import make_split
 from vlmlab.distributed import Processes
 from vlmlab.feature_cache import training_data
@@ -109,13 +109,24 @@ def _architecture(section, key: str):
     return pretrained_config(key, section.model, section.trust_remote_code)
 
 
-def _questions(examples: list, per_image: float, seed: int) -> list:
-    """Examples in pairs per image, thinned so that an image keeps its second question with probability
-    `per_image - 1`: on average `per_image` questions per image."""
+def _layout(steps: int, batch_size: int, per_image: float, seed: int, image_size: int) -> tuple[list, list]:
+    """(examples, batches): `steps` batches of `batch_size` questions, each over round(batch_size / per_image)
+    images, of which the first ones carry a second question (as many as fill the batch)."""
     if not 1.0 <= per_image <= 2.0:
         raise ConfigError(f"--questions-per-image must be between 1 and 2, got {per_image}")
-    draw = random.Random(seed)
-    return [example for k, example in enumerate(examples) if k % 2 == 0 or draw.random() < per_image - 1.0]
+    images = max(1, round(batch_size / per_image))  # per batch
+    doubled = min(batch_size - images, images)  # images of a batch that carry two questions
+    pairs = make_split("train", steps * images, seed=seed, image_size=image_size, questions_per_image=2,
+                       captions=False)  # two questions per image, in image order
+    examples, batches = [], []
+    for step in range(steps):
+        batch = []
+        for image in range(step * images, (step + 1) * images):
+            for question in pairs[2 * image : 2 * image + 1 + (image % images < doubled)]:
+                batch.append(len(examples))
+                examples.append(question)
+        batches.append(batch)
+    return examples, batches
 
 
 def plan(cfg: Config, steps: int, epochs: int, cpu_time: bool = False, questions_per_image: float = 1.0) -> Parts:
@@ -135,20 +146,18 @@ def plan(cfg: Config, steps: int, epochs: int, cpu_time: bool = False, questions
               else lookup(TINY_TOWERS, cfg.vision.family, "tiny vision family")(cfg.vision).config)
     if not hasattr(vision, "patch_size"):
         raise ConfigError(f"BLIP-2's tower is a ViT: bench cannot mirror a {vision.model_type} tower")
-    examples = _questions(make_split("train", steps * cfg.train.batch_size, seed=cfg.data.seed,
-                                     image_size=vision.image_size, questions_per_image=2, captions=False),
-                          questions_per_image, cfg.data.seed)
+    examples, batches = _layout(steps, cfg.train.batch_size, questions_per_image, cfg.data.seed, vision.image_size)
     tokenizer = train_tokenizer(training_texts(examples, cfg.data), cfg.language.vocab_size)
     language = (_architecture(cfg.language, "language.model") if cfg.language.model
                 else lookup(TINY_LMS, cfg.language.family, "tiny language family")(cfg.language, tokenizer).config)
     if not language.is_encoder_decoder:
         raise ConfigError(f"bench measures the encoder-decoder recipe (T5, Flan-T5); this preset's LM is "
                           f"{language.model_type}")
-    batches = list(islice(StepBatches(image_groups(examples), cfg.train.batch_size, cfg.train.seed), steps))
     return Parts(cfg, vision, language, tokenizer, vision.image_size, examples, batches, epochs, cpu_time)
 
 
-# -- the two sides: each returns (model, the batches of an epoch, the loss of a batch, generation for a batch) --
+# -- the two sides: each returns (model, the batches of an epoch, the loss of a batch, what readies it for
+# generation once training is done, generation for a batch) --
 def _vlmlab(parts: Parts, device, precision, workdir):
     cfg = parts.config
     vision = VisionTower(AutoModel.from_config(parts.vision), cfg.vision.feature_layer, parts.image_size,
@@ -174,12 +183,14 @@ def _vlmlab(parts: Parts, device, precision, workdir):
         return model(batch.get("pixels"), batch["prompts"], batch["targets"], batch["image_index"],
                      features=batch.get("features"))
 
-    def generate(batch: dict, new_tokens: int) -> None:
-        for tower in parking:  # back for good: generation runs the tower (timed with it)
+    def ready() -> None:  # the parked tower back, as after `vlmlab train`'s last step
+        for tower in parking:
             tower.unpark()
+
+    def generate(batch: dict, new_tokens: int) -> None:
         model.generate(batch["pixels"], batch["prompts"], new_tokens, batch["image_index"], min_new_tokens=new_tokens)
 
-    return model, data, loss, generate
+    return model, data, loss, ready, generate
 
 
 def _blip2_config(parts: Parts, image_token: int) -> Blip2Config:
@@ -238,7 +249,7 @@ def _blip2(parts: Parts, device, precision, workdir):
         peer.generate(**inputs(batch), max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1,
                       do_sample=False)
 
-    return peer, lambda: loader, loss, generate
+    return peer, lambda: loader, loss, lambda: None, generate
 
 
 BUILDERS = {"vlmlab": _vlmlab, "transformers_blip2": _blip2}
@@ -268,7 +279,7 @@ def measure(side: str, parts: Parts) -> dict:
     precision = resolve_precision(cfg.train.precision, device)
     autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
     with tempfile.TemporaryDirectory() as workdir:
-        model, data, loss_of, generate = BUILDERS[side](parts, device, precision, Path(workdir))
+        model, data, loss_of, ready, generate = BUILDERS[side](parts, device, precision, Path(workdir))
         optimizer = make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -287,6 +298,9 @@ def measure(side: str, parts: Parts) -> dict:
                 scaler.update()
             seconds.append(_clock(device, parts.cpu_time) - started)
         model.eval()
+        started = _clock(device, parts.cpu_time)
+        ready()
+        ready_seconds = _clock(device, parts.cpu_time) - started
         pixels = DataLoader(ExampleDataset(parts.examples, cfg.data, parts.image_size), batch_sampler=parts.batches,
                             collate_fn=collate)
         generated, started = 0, _clock(device, parts.cpu_time)
@@ -299,6 +313,7 @@ def measure(side: str, parts: Parts) -> dict:
         "train_samples_per_second_first_epoch": parts.samples / seconds[0],
         "train_samples_per_second_later_epochs": parts.samples * (parts.epochs - 1) / sum(seconds[1:]),
         "generate_tokens_per_second": generated / generate_seconds,
+        "ready_to_generate_seconds": ready_seconds,
         "peak_memory_bytes": _peak_memory(device),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trained_parameters": sum(p.numel() for p in trained),
