@@ -175,8 +175,8 @@ def _vlmlab(parts: Parts, device, precision, workdir):
                                                 Processes(device=device))
             loader.append(DataLoader(dataset, batch_sampler=parts.batches, collate_fn=collate_fn,
                                      pin_memory=device.type == "cuda"))
-            if cfg.train.park_tower:  # as train.py does: the tower waits off the device while steps read the cache
-                parking.append(park_if_cached(model, dataset))
+            # as train.py does: the tower waits off the device while steps read the cache
+            parking.extend(filter(None, [park_if_cached(model, dataset, cfg.train.park_tower)]))
         return loader[0]
 
     def loss(batch: dict) -> torch.Tensor:

@@ -99,9 +99,10 @@ class TowerParking:
             self.park()
 
 
-def park_if_cached(model, dataset) -> TowerParking | None:
-    """Parks `model`'s tower when training reads cached features (`dataset` a FeatureDataset); else None."""
-    if not isinstance(dataset, FeatureDataset):
+def park_if_cached(model, dataset, wanted: bool) -> TowerParking | None:
+    """Parks `model`'s tower when `wanted` (`train.park_tower`) and training reads cached features (`dataset` a
+    FeatureDataset); else None."""
+    if not wanted or not isinstance(dataset, FeatureDataset):
         return None
     parking = TowerParking(model.vision.model, dataset.store.folder)
     parking.park()

@@ -72,8 +72,9 @@ def test_a_run_that_parks_the_tower_matches_one_that_does_not(tmp_path):
     assert [r for r in parked_log if "eval" in r] and [r for r in parked_log if "conditioning" in r]
     assert parked_log == kept_log
     assert parked["vqa_accuracy"] == kept["vqa_accuracy"]
-    assert (tmp_path / "parked/feature_cache").glob(f"*/{SPILL_FILE}")
+    assert list((tmp_path / "parked/feature_cache").glob(f"*/{SPILL_FILE}"))
+    assert not list((tmp_path / "kept/feature_cache").glob(f"*/{SPILL_FILE}"))
     saved = load_file(tmp_path / "parked/model/vision/model.safetensors")
-    assert saved.keys() == load_file(tmp_path / "kept/model/vision/model.safetensors").keys()
-    assert all(torch.equal(tensor, load_file(tmp_path / "kept/model/vision/model.safetensors")[name])
-               for name, tensor in saved.items())
+    expected = load_file(tmp_path / "kept/model/vision/model.safetensors")
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in saved.items())

@@ -216,7 +216,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
 
     forward = processes.wrap(model)  # DDP under several processes
     # After DDP has read every weight: the tower is parked while steps read the cache, back for what runs it.
-    parking = park_if_cached(model, dataset) if tc.park_tower else None
+    parking = park_if_cached(model, dataset, tc.park_tower)
     tower_present = parking.unparked if parking else contextlib.nullcontext
 
     def backward(batch: dict, share: float) -> float:
