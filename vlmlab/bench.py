@@ -1,11 +1,12 @@
 """`vlmlab bench`: vlmlab against transformers' BLIP-2 built with the same architecture, measured side by side.
 
 The peer is `Blip2ForConditionalGeneration` configured as the preset's model: a vision tower of the same width,
-depth, heads, MLP size, patch and resolution; a Q-Former of the same width, depth (cross-attention in every layer,
-as ours), heads, feed-forward size and number of queries; the same LM config and tokenizer. Both sides get random
-weights and the preset's tuning (the tower frozen, the recipe measured; the LM full, frozen or LoRA with the same
-peft config), the same images, prompts, answers and batches, the same precision (autocast), optimizer (AdamW)
-and gradient clipping.
+heads, MLP size, patch and resolution, as deep as our features need (BLIP-2 reads its ViT's last layer; with
+`vision.feature_layer=-2` both run the first L - 1 of L layers, as BLIP-2's own recipe does); a Q-Former of the
+same width, depth (cross-attention in every layer, as ours), heads, feed-forward size and number of queries; the
+same LM config and tokenizer. Both sides get random weights and the preset's tuning (the tower frozen, the recipe
+measured; the LM full, frozen or LoRA with the same peft config), the same images, prompts, answers and batches,
+the same precision (autocast), optimizer (AdamW) and gradient clipping.
 
 Each side runs in a fresh process, so that its peak memory is its own: `torch.cuda.max_memory_allocated` on a
 GPU, the process's peak resident set (ru_maxrss: weights, activations, data, the libraries) on a CPU. Times are
@@ -58,7 +59,7 @@ from vlmlab.registry import lookup
 from vlmlab.tokenizer import train_tokenizer
 from vlmlab.train import make_optimizer, resolve_precision, training_texts
 from vlmlab.tuning import ADAPTED, lora_config
-from vlmlab.vision import TINY_FAMILIES as TINY_TOWERS, VisionTower
+from vlmlab.vision import TINY_FAMILIES as TINY_TOWERS, VisionTower, layers_computed
 
 SIDES = ("vlmlab", "transformers_blip2")
 
@@ -198,7 +199,10 @@ def _blip2_config(parts: Parts, image_token: int) -> Blip2Config:
     return Blip2Config(
         vision_config=Blip2VisionConfig(
             hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
+            # BLIP-2 takes its ViT's last layer: the layers up to our feature layer (BLIP-2's own recipe drops
+            # the last one for the second-last's features, as `vision.feature_layer=-2` does)
+            num_hidden_layers=layers_computed(vision.num_hidden_layers, parts.config.vision.feature_layer),
+            num_attention_heads=vision.num_attention_heads,
             image_size=vision.image_size, patch_size=vision.patch_size, hidden_act=vision.hidden_act,
             layer_norm_eps=vision.layer_norm_eps),
         qformer_config=Blip2QFormerConfig(

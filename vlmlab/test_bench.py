@@ -13,6 +13,7 @@ from vlmlab.config import ConfigError, apply_overrides
 from vlmlab.connectors import build_connector
 from vlmlab.presets import get_preset
 from vlmlab.test_model import SMALL
+from vlmlab.vision import VisionTower
 
 RATIOS = ("train_speedup_vs_hf", "train_speedup_vs_hf_first_epoch", "generate_speedup_vs_hf",
           "peak_memory_ratio_vs_hf")
@@ -36,14 +37,18 @@ def test_the_peer_mirrors_the_recommended_recipe():
     parts = plan(apply_overrides(get_preset("recommended"), ["train.batch_size=2"]), steps=1, epochs=2)
     assert parts.config.vision.train == "frozen" and parts.image_size == 224
     with torch.device("meta"):  # sizes only, no weights
-        tower, lm = AutoModel.from_config(parts.vision), AutoModelForSeq2SeqLM.from_config(parts.language)
+        tower = VisionTower(AutoModel.from_config(parts.vision), parts.config.vision.feature_layer, 224, [0.5] * 3,
+                            [0.5] * 3)
+        lm = AutoModelForSeq2SeqLM.from_config(parts.language)
         connector = build_connector(parts.config.connector, 1024, 768, 257)
         peer = Blip2ForConditionalGeneration(_blip2_config(parts, image_token=2))
 
     def count(*modules):
         return sum(p.numel() for module in modules for p in module.parameters())
 
-    assert count(tower) == pytest.approx(count(peer.vision_model), rel=1e-3)  # CLIP ViT-L/14's size
+    # CLIP ViT-L/14 up to the second-last of its 24 layers, whose output both read
+    assert peer.config.vision_config.num_hidden_layers == 23
+    assert count(tower) == pytest.approx(count(peer.vision_model), rel=1e-3)
     assert count(lm) == count(peer.language_model)  # Flan-T5-base's
     assert count(connector) == pytest.approx(count(peer.qformer, peer.language_projection), rel=0.05)
     assert peer.config.num_query_tokens == 64 and peer.config.qformer_config.cross_attention_frequency == 1

@@ -150,8 +150,10 @@ def _bytes(directory) -> int:
 def test_adapted_parts_save_small_and_reload_exactly(checkpoints, examples, tmp_path, vision, language,
                                                      vision_mode, language_mode):
     torch.manual_seed(0)
+    # an adapted tower reads its first block's output: its second block is set aside, and gets no adapter
+    second_last = ["vision.feature_layer=-2"] if vision_mode != "frozen" else []
     cfg = family_config(checkpoints, vision, language, f"vision.train={vision_mode}",
-                        f"language.train={language_mode}")
+                        f"language.train={language_mode}", *second_last)
     model = build_vlm(cfg)
     pixels, prompts, targets = _batch(model, examples)
     adapters = {name: p.clone() for name, p in model.named_parameters() if "lora_B" in name}
@@ -164,6 +166,10 @@ def test_adapted_parts_save_small_and_reload_exactly(checkpoints, examples, tmp_
     assert _bytes(saved) < _bytes(checkpoints[language]) / 3  # the adapter, not the base
     vision_files = sorted(path.name for path in (tmp_path / "model" / "vision").iterdir())
     assert vision_files == ([] if vision_mode == "frozen" else ["adapter_config.json", "adapter_model.safetensors"])
+    if second_last:
+        tower_adapter = load_file(tmp_path / "model" / "vision" / "adapter_model.safetensors")
+        assert any(".layers.0." in key for key in tower_adapter)
+        assert not any(".layers.1." in key for key in tower_adapter)
     if language_mode == "dora":
         assert any("lora_magnitude_vector" in key for key in load_file(saved / "adapter_model.safetensors"))
 

@@ -6,6 +6,7 @@ their vision half. With no name, a tiny tower of the same class is built from sc
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -66,10 +67,29 @@ VISION_HALF_OF = {
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
+def layers_computed(num_layers: int, feature_layer: int) -> int:
+    """How many of a ViT's `num_layers` blocks hidden state `feature_layer` needs (state 0 is the embeddings'
+    output, state i block i's): the blocks after it need not run. -2 of CLIP ViT-L/14's 24 needs 23."""
+    index = feature_layer if feature_layer < 0 else feature_layer - (num_layers + 1)
+    return num_layers + 1 + index
+
+
+def _block_list(model: nn.Module) -> tuple[nn.Module, nn.ModuleList] | None:
+    """(encoder, its blocks) of a CLIP- or SigLIP-style ViT; None for a tower laid out otherwise."""
+    encoder = getattr(getattr(model, "vision_model", model), "encoder", None)
+    blocks = getattr(encoder, "layers", None)
+    return (encoder, blocks) if isinstance(blocks, nn.ModuleList) else None
+
+
 class VisionTower(nn.Module):
     """uint8 pixels `[B, 3, S, S]` -> features `[B, N, Dv]` taken from hidden state `feature_layer`.
 
     A convolutional tower's map `[B, C, H, W]` is read as H * W features of width C (row by row).
+
+    A ViT whose `feature_layer` comes before its last block runs only the blocks up to it (BLIP-2 drops its ViT's
+    last layer likewise): the later blocks are set aside, off the module tree, so they take no time, no device
+    memory, no gradient, no optimizer state, no parking and no part in the feature cache's key; `save` writes
+    them back with the rest, so a saved tower is the whole checkpoint its config.json describes.
     """
 
     def __init__(self, model: nn.Module, feature_layer: int, image_size: int, mean, std):
@@ -79,6 +99,18 @@ class VisionTower(nn.Module):
         self.image_size = image_size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._hidden_index = None if feature_layer == -1 else feature_layer  # None: the model's last_hidden_state
+        self._set_aside = None  # (encoder, all its blocks, the blocks that run) when later blocks are set aside
+        found = _block_list(model)
+        if found is not None:
+            encoder, blocks = found
+            kept = layers_computed(len(blocks), feature_layer)
+            if 1 <= kept < len(blocks):
+                running = nn.ModuleList(blocks[:kept])
+                encoder.layers = running
+                self._set_aside = (encoder, blocks, running)  # a tuple: not registered as submodules
+                self._hidden_index = kept  # the last block that runs (its raw output, before any final norm);
+                # counted from the front: transformers resolves negative indices against config.num_hidden_layers
 
     @torch.no_grad()
     def feature_layout(self) -> tuple[int, int, tuple[int, int] | None]:
@@ -99,11 +131,11 @@ class VisionTower(nn.Module):
         """The tower's hidden state `feature_layer`: `[B, N, Dv]` for a ViT, `[B, C, H, W]` for a convnet."""
         dtype = next(self.model.parameters()).dtype
         pixel_values = ((pixels.float() / 255.0 - self.mean) / self.std).to(dtype)
-        if self.feature_layer == -1:  # the common case needs no list of every layer's states
+        if self._hidden_index is None:  # the common case needs no list of every layer's states
             return self.model(pixel_values=pixel_values).last_hidden_state
         # Asking for that one state keeps only it (transformers >= 5), not every layer's: less memory, same values.
-        states = self.model(pixel_values=pixel_values, output_hidden_states=[self.feature_layer]).hidden_states
-        return states[self.feature_layer]
+        states = self.model(pixel_values=pixel_values, output_hidden_states=[self._hidden_index]).hidden_states
+        return states[self._hidden_index]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.ndim == 5:  # image splitting: views [B, V, 3, S, S], each encoded alone -> [B, V * N, Dv]
@@ -114,8 +146,22 @@ class VisionTower(nn.Module):
             features = features.flatten(2).transpose(1, 2)
         return features
 
+    @contextlib.contextmanager
+    def whole(self):
+        """The set-aside blocks back in the encoder for the duration (to save or count the whole checkpoint)."""
+        if self._set_aside is None:
+            yield
+            return
+        encoder, blocks, running = self._set_aside
+        encoder.layers = blocks
+        try:
+            yield
+        finally:
+            encoder.layers = running
+
     def save(self, directory: Path) -> None:
-        self.model.save_pretrained(directory)
+        with self.whole():
+            self.model.save_pretrained(directory)
         preprocessing = ImageProcessingMixin(
             image_mean=self.mean.flatten().tolist(),
             image_std=self.std.flatten().tolist(),
