@@ -7,7 +7,10 @@ dtypes, no data), and one training step runs on them exactly as `vlmlab train` r
 adapters, autocast to the GPU's half precision, the loss on the answer tokens, backward, an AdamW step. A
 dispatch mode counts the bytes of every tensor storage as it is created and as it is freed; its maximum is the
 step's peak memory, what `torch.cuda.max_memory_allocated` would report (weights, gradients, optimizer states,
-activations kept for backward, temporaries, the logits).
+activations kept for backward, temporaries, the logits). Where the run trains from the feature cache (a frozen
+tower without augmentation: `train.feature_cache=auto`), the step reads fp16 features instead of running the
+tower, without the tower's weights when they are parked (`train.park_tower`), and the cache's fill before training
+(every weight resident, the tower run without gradients) is simulated too: the larger of the two peaks counts.
 
 The step runs on the CPU's autocast, so the few ops whose precision differs between CPU and CUDA autocast and
 the attention kernels' workspaces make it approximate; the CUDA context (~0.5 GiB) and the caching allocator's
@@ -40,6 +43,7 @@ from transformers import (
 )
 
 from vlmlab.config import Config, ConfigError
+from vlmlab.feature_cache import cache_wanted
 from vlmlab.language import LanguageModel
 from vlmlab.loading import pretrained_config
 from vlmlab.model import VLM, assemble_vlm
@@ -197,30 +201,39 @@ def to_fake(model: nn.Module) -> None:
             setattr(module, name, getattr(owner, owner_name))
 
 
-def _resident(model: VLM, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Tensors alive before a step: weights, buffers, gradients (accumulating), optimizer states."""
+def _resident(model: VLM, optimizer: torch.optim.Optimizer, parked: bool) -> list[torch.Tensor]:
+    """Tensors alive before a step: weights and buffers (the tower's not, when `parked`), gradients
+    (accumulating), optimizer states."""
     states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return [*model.parameters(), *model.buffers(), *grads, *states]
+    tower = {id(t) for t in (*model.vision.parameters(), *model.vision.buffers())} if parked else set()
+    weights = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in tower]
+    return [*weights, *grads, *states]
 
 
-def step_inputs(model: VLM, cfg: Config, micro_batch: int) -> tuple:
-    """A micro-batch at the longest prompts and targets `cfg` allows: (pixels, prompt ids, target ids)."""
+def step_inputs(model: VLM, cfg: Config, micro_batch: int, cached: bool = False) -> tuple:
+    """A micro-batch at the longest prompts and targets `cfg` allows: (pixels, features, prompt ids, target ids);
+    `cached`: the tower's features as the feature cache gives them (fp16 `[B, N, Dv]`), and no pixels."""
     size = model.vision.image_size
     pixels = torch.zeros(micro_batch, 3, size, size, dtype=torch.uint8, device=model.device)
+    features = None
+    if cached:
+        num_features, width, _ = model.vision.feature_layout()
+        features = torch.zeros(micro_batch, num_features, width, dtype=torch.float16, device=model.device)
+        pixels = None
     # Token ids (any id below the vocabulary size) at the longest lengths allowed, one prompt a token short:
     # real batches are padded, and transformers then builds its attention masks (it skips them for none).
     longest = cfg.language.max_prompt_tokens
     prompts = [[5] * (longest - (i == micro_batch - 1 and micro_batch > 1)) for i in range(micro_batch)]
     targets = [[6] * cfg.language.max_target_tokens] * micro_batch
-    return pixels, prompts, targets
+    return pixels, features, prompts, targets
 
 
 def train_step(model: VLM, optimizer: torch.optim.Optimizer, inputs: tuple, amp_dtype: torch.dtype | None) -> None:
     """Forward, backward and update, as `vlmlab train` runs them (the loss on the answer tokens only)."""
-    pixels, prompts, targets = inputs
+    pixels, features, prompts, targets = inputs
     with torch.autocast(model.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss = model.language.loss(model.visual_tokens(pixels), prompts, targets)
+        loss = model.language.loss(model.visual_tokens(pixels, features), prompts, targets)
     loss.backward()
     del loss
     optimizer.step()
@@ -228,19 +241,32 @@ def train_step(model: VLM, optimizer: torch.optim.Optimizer, inputs: tuple, amp_
 
 
 def step_peak(model: VLM, optimizer: torch.optim.Optimizer, cfg: Config, micro_batch: int, accumulating: bool,
-              amp_dtype: torch.dtype | None) -> int:
+              amp_dtype: torch.dtype | None, cached: bool = False, parked: bool = False) -> int:
     """Peak bytes of one training micro-step of `micro_batch` examples.
 
     `accumulating`: gradients of an earlier micro-batch are already there (grad_accum > 1). The optimizer must
-    hold its states already (`warm_optimizer`), as it does in every step after the first.
+    hold its states already (`warm_optimizer`), as it does in every step after the first. `cached`: the step
+    reads the tower's features from the feature cache; `parked`: the tower's weights are off the GPU meanwhile.
     """
-    inputs = step_inputs(model, cfg, micro_batch)
+    inputs = step_inputs(model, cfg, micro_batch, cached)
     for param in model.parameters():
         if param.requires_grad:
             param.grad = torch.zeros_like(param) if accumulating else None
-    tracker = PeakMemory(_resident(model, optimizer))
+    tracker = PeakMemory(_resident(model, optimizer, parked))
     with tracker:
         train_step(model, optimizer, inputs, amp_dtype)
+    return tracker.peak
+
+
+def fill_peak(model: VLM, optimizer: torch.optim.Optimizer, micro_batch: int, amp_dtype: torch.dtype | None) -> int:
+    """Peak bytes of the feature cache's fill before training: every weight and the optimizer's states (a resumed
+    run has them) resident, the tower run without gradients over `micro_batch` images."""
+    size = model.vision.image_size
+    pixels = torch.zeros(micro_batch, 3, size, size, dtype=torch.uint8, device=model.device)
+    tracker = PeakMemory(_resident(model, optimizer, parked=False))
+    with tracker, torch.no_grad(), torch.autocast(model.device.type, dtype=amp_dtype or torch.float32,
+                                                  enabled=amp_dtype is not None):
+        model.vision(pixels)
     return tracker.peak
 
 
@@ -272,6 +298,8 @@ def plan(cfg: Config, gpu_name: str) -> dict:
         if amp_dtype == torch.bfloat16 and not gpu.bf16:
             raise ConfigError(f"train.precision=bf16: the {gpu.name} has no bf16; use auto or fp16")
     model = build_from_architecture(cfg).train()
+    cached = cache_wanted(cfg)  # steps read the tower's features, computed once before training ...
+    parked = cached and cfg.train.park_tower  # ... while the tower's weights wait off the GPU
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_bytes_per_weight = 2 if cfg.train.optimizer == "adamw8bit" else 8  # simulated: AdamW's 8
     tried, proposal = [], None
@@ -285,7 +313,9 @@ def plan(cfg: Config, gpu_name: str) -> dict:
                 enable_gradient_checkpointing([model.vision, model.language])
                 checkpointing = True
             micro = cfg.train.batch_size // accum
-            peak = step_peak(model, optimizer, cfg, micro, accum > 1, amp_dtype)
+            peak = step_peak(model, optimizer, cfg, micro, accum > 1, amp_dtype, cached, parked)
+            if cached:
+                peak = max(peak, fill_peak(model, optimizer, micro, amp_dtype))
             peak -= (8 - optimizer_bytes_per_weight) * trainable
             needed = peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB * GIB
             row = {"micro_batch": micro, "grad_accum": accum, "gradient_checkpointing": wants_checkpointing,
@@ -298,6 +328,9 @@ def plan(cfg: Config, gpu_name: str) -> dict:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]
     notes = []
     fp32_modules = getattr(model.language.model, "_keep_in_fp32_modules", None)
+    if cached:
+        notes.append("steps read the feature cache: the tower runs once per image before training (counted)"
+                     + (", its weights parked off the GPU during the steps (train.park_tower)" if parked else ""))
     if amp_dtype == torch.float16 and fp32_modules:
         notes.append(f"fp16: the LM's {', '.join(fp32_modules)} layers run in fp32, as transformers keeps them "
                      f"(their activations overflow fp16)")
@@ -306,6 +339,8 @@ def plan(cfg: Config, gpu_name: str) -> dict:
         "gpu_memory_gib": gpu.memory_gib,
         "precision": precision,
         "batch_size": cfg.train.batch_size,
+        "feature_cache": cached,
+        "tower_parked": parked,
         "parts": _parts(model),
         "static_gib": {
             "weights": round(sum(p.numel() * p.element_size() for p in model.parameters()) / GIB, 2),

@@ -30,17 +30,17 @@ TINY = ["connector.num_queries=4", "train.batch_size=8", "language.max_prompt_to
         "language.max_target_tokens=6"]
 
 
-def _real_peak(cfg, micro_batch, accumulating, amp_dtype):
+def _real_peak(cfg, micro_batch, accumulating, amp_dtype, cached=False, parked=False):
     torch.manual_seed(0)
     model = build_vlm(cfg).train()
-    return step_peak(model, warm_optimizer(model), cfg, micro_batch, accumulating, amp_dtype)
+    return step_peak(model, warm_optimizer(model), cfg, micro_batch, accumulating, amp_dtype, cached, parked)
 
 
-def _simulated_peak(cfg, micro_batch, accumulating, amp_dtype):
+def _simulated_peak(cfg, micro_batch, accumulating, amp_dtype, cached=False, parked=False):
     model = build_from_architecture(cfg).train()
     with FakeTensorMode(allow_non_fake_inputs=True):
         to_fake(model)
-        return step_peak(model, warm_optimizer(model), cfg, micro_batch, accumulating, amp_dtype)
+        return step_peak(model, warm_optimizer(model), cfg, micro_batch, accumulating, amp_dtype, cached, parked)
 
 
 @pytest.mark.parametrize("vision, language, mode, accumulating, amp_dtype", [
@@ -55,6 +55,30 @@ def test_simulated_step_uses_the_memory_a_real_step_uses(checkpoints, vision, la
     # Equal in fp32; under autocast a few meta kernels give their small side outputs (layer-norm statistics)
     # another dtype than the CPU kernels do.
     assert abs(_simulated_peak(cfg, 4, accumulating, amp_dtype) - real) <= (0.01 * real if amp_dtype else 0)
+
+
+def test_a_step_from_the_feature_cache_is_simulated_too_and_the_parked_tower_not_counted(checkpoints):
+    cfg = family_config(checkpoints, "clip", "t5", "language.train=lora", *TINY)
+    real = _real_peak(cfg, 4, False, None, cached=True, parked=True)
+    assert _simulated_peak(cfg, 4, False, None, cached=True, parked=True) == real
+    vision = build_vlm(cfg).vision
+    tower = sum(t.numel() * t.element_size() for t in (*vision.parameters(), *vision.buffers()))
+    assert _real_peak(cfg, 4, False, None, cached=True) == real + tower  # the same step, the tower resident
+
+
+def test_plan_counts_the_cache_fill_and_the_parked_tower(checkpoints):
+    cfg = family_config(checkpoints, "clip", "t5", "language.train=lora", *TINY)
+    cached = plan(cfg, "t4")
+    assert cached["feature_cache"] and cached["tower_parked"]
+    assert any("feature cache" in note for note in cached["notes"])
+    resident = plan(apply_overrides(cfg, ["train.park_tower=false"]), "t4")
+    assert resident["feature_cache"] and not resident["tower_parked"]
+    uncached = plan(apply_overrides(cfg, ["train.feature_cache=off"]), "t4")
+    assert not uncached["feature_cache"] and not any("feature cache" in note for note in uncached["notes"])
+    peaks = [result["tried"][0]["peak_bytes"] for result in (cached, resident, uncached)]
+    # parking takes the tower's weights out of the step; the tower's own activations, without gradients, are
+    # gone before the step's peak (in the LM's backward), so reading cached features saves nothing more here
+    assert peaks[0] < peaks[1] <= peaks[2]
 
 
 def test_tied_and_untied_output_layers_are_counted_as_saved(checkpoints):
