@@ -215,12 +215,11 @@ def step_inputs(model: VLM, cfg: Config, micro_batch: int, cached: bool = False)
     """A micro-batch at the longest prompts and targets `cfg` allows: (pixels, features, prompt ids, target ids);
     `cached`: the tower's features as the feature cache gives them (fp16 `[B, N, Dv]`), and no pixels."""
     size = model.vision.image_size
-    pixels = torch.zeros(micro_batch, 3, size, size, dtype=torch.uint8, device=model.device)
-    features = None
+    pixels, features = torch.zeros(micro_batch, 3, size, size, dtype=torch.uint8, device=model.device), None
     if cached:
         num_features, width, _ = model.vision.feature_layout()
-        features = torch.zeros(micro_batch, num_features, width, dtype=torch.float16, device=model.device)
-        pixels = None
+        pixels, features = None, torch.zeros(micro_batch, num_features, width, dtype=torch.float16,
+                                             device=model.device)
     # Token ids (any id below the vocabulary size) at the longest lengths allowed, one prompt a token short:
     # real batches are padded, and transformers then builds its attention masks (it skips them for none).
     longest = cfg.language.max_prompt_tokens
@@ -258,11 +257,11 @@ def step_peak(model: VLM, optimizer: torch.optim.Optimizer, cfg: Config, micro_b
     return tracker.peak
 
 
-def fill_peak(model: VLM, optimizer: torch.optim.Optimizer, micro_batch: int, amp_dtype: torch.dtype | None) -> int:
+def fill_peak(model: VLM, optimizer: torch.optim.Optimizer, cfg: Config, micro_batch: int,
+              amp_dtype: torch.dtype | None) -> int:
     """Peak bytes of the feature cache's fill before training: every weight and the optimizer's states (a resumed
     run has them) resident, the tower run without gradients over `micro_batch` images."""
-    size = model.vision.image_size
-    pixels = torch.zeros(micro_batch, 3, size, size, dtype=torch.uint8, device=model.device)
+    pixels = step_inputs(model, cfg, micro_batch)[0]
     tracker = PeakMemory(_resident(model, optimizer, parked=False))
     with tracker, torch.no_grad(), torch.autocast(model.device.type, dtype=amp_dtype or torch.float32,
                                                   enabled=amp_dtype is not None):
@@ -315,7 +314,7 @@ def plan(cfg: Config, gpu_name: str) -> dict:
             micro = cfg.train.batch_size // accum
             peak = step_peak(model, optimizer, cfg, micro, accum > 1, amp_dtype, cached, parked)
             if cached:
-                peak = max(peak, fill_peak(model, optimizer, micro, amp_dtype))
+                peak = max(peak, fill_peak(model, optimizer, cfg, micro, amp_dtype))
             peak -= (8 - optimizer_bytes_per_weight) * trainable
             needed = peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB * GIB
             row = {"micro_batch": micro, "grad_accum": accum, "gradient_checkpointing": wants_checkpointing,
