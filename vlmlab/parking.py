@@ -1,10 +1,10 @@
 """Parking a frozen vision tower: its weights leave memory while training reads the feature cache.
 
-Why: with the feature cache no training step runs the tower, yet its weights (CLIP ViT-L/14: 304M parameters,
-1.2 GB in fp32) would sit beside the connector's and the LM's activations, gradients and optimizer state, on the
-GPU a user pays for. Parked, they wait in host memory (a GPU run) or in a file beside the cached features (a CPU
-run, where host memory is the memory to save), and come back for whatever runs the tower: evaluation, the
-conditioning alarm, saving, generation.
+Why: with the feature cache no training step runs the tower, yet its weights (CLIP ViT-L/14 up to its
+second-last block: 291M parameters, 1.2 GB in fp32) would sit beside the connector's and the LM's activations,
+gradients and optimizer state, on the GPU a user pays for. Parked, they wait in host memory (a GPU run) or in a
+file beside the cached features (a CPU run, where host memory is the memory to save), and come back for whatever
+runs the tower: evaluation, the conditioning alarm, saving, generation.
 
 How: each parameter keeps its object, dtype and device; only its data is swapped for an empty tensor and back
 (a loaded checkpoint's weights are often memory-mapped files, whose storage cannot be resized in place). So the
