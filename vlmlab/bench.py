@@ -33,8 +33,6 @@ import contextlib
 import copy
 import dataclasses
 import multiprocessing
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +45,7 @@ from transformers import (AutoModel, AutoModelForSeq2SeqLM, Blip2Config, Blip2Fo
                           Blip2QFormerConfig, Blip2VisionConfig, CLIPVisionConfig, T5Config)
 
 from vlmlab.config import Config, ConfigError, validate
+from vlmlab.costs import peak_memory_bytes, peak_memory_source
 from vlmlab.data.batching import ExampleDataset, collate
 from vlmlab.data.synthetic import make_split
 from vlmlab.distributed import Processes
@@ -266,13 +265,6 @@ def _clock(device: torch.device, cpu_time: bool) -> float:
     return time.process_time() if cpu_time else time.perf_counter()
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
 def measure(side: str, parts: Parts) -> dict:
     """Builds one side and times its training epochs and generation; returns its figures."""
     cfg = parts.config
@@ -318,7 +310,7 @@ def measure(side: str, parts: Parts) -> dict:
         "train_samples_per_second_later_epochs": parts.samples * (parts.epochs - 1) / sum(seconds[1:]),
         "generate_tokens_per_second": generated / generate_seconds,
         "ready_to_generate_seconds": ready_seconds,
-        "peak_memory_bytes": _peak_memory(device),
+        "peak_memory_bytes": peak_memory_bytes(device),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trained_parameters": sum(p.numel() for p in trained),
         "last_loss": loss.item(),
@@ -356,7 +348,7 @@ def run_bench(cfg: Config, steps: int = 4, epochs: int = 3, cpu_time: bool = Fal
         / peer["train_samples_per_second_first_epoch"],
         "generate_speedup_vs_hf": ours["generate_tokens_per_second"] / peer["generate_tokens_per_second"],
         "peak_memory_ratio_vs_hf": ours["peak_memory_bytes"] / peer["peak_memory_bytes"],
-        "peak_memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident set (ru_maxrss)",
+        "peak_memory": peak_memory_source(device),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": str(resolve_precision(cfg.train.precision, device) or "fp32").replace("torch.", ""),
         "batch_size": cfg.train.batch_size,

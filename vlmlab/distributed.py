@@ -43,9 +43,9 @@ class Processes:
     def shard(self, batches: Iterable[list[int]]) -> ShardedBatches:
         return ShardedBatches(batches, self.rank, self.world)
 
-    def weigh(self, micro_batches: list[dict], answer_tokens: Callable[[list[str]], int]) -> int:
+    def weigh(self, micro_batches: list[dict], answer_tokens: Callable[[list[str]], int]) -> tuple[int, int]:
         """Sets each micro-batch's `loss_weight` (one entry per example, so that a cut piece keeps it); returns the
-        number of examples of the step over all processes.
+        numbers of examples and of answer tokens of the step over all processes.
 
         A process's loss is a mean over its own n answer tokens; weighted by world * n / N (N: the micro-batch's
         answer tokens over all processes) the DDP average of the gradients is the gradient of the mean over all N.
@@ -55,7 +55,7 @@ class Processes:
         total = self._sum(local)
         for batch, (tokens, _), (all_tokens, _) in zip(micro_batches, local.tolist(), total.tolist()):
             batch["loss_weight"] = [self.world * tokens / all_tokens] * len(batch["prompts"])
-        return int(total[:, 1].sum())
+        return int(total[:, 1].sum()), int(total[:, 0].sum())
 
     def mean(self, value: float) -> float:
         """The mean of `value` over the processes (each holds its weighted part of the step's loss)."""

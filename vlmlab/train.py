@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from vlmlab.config import Config, ConfigError, DataConfig, load_config, save_config, validate
+from vlmlab.costs import run_costs
 from vlmlab.data import load_examples
 from vlmlab.data.batching import StepBatches, image_groups
 from vlmlab.diagnose import ConditioningAlarm
@@ -105,13 +106,15 @@ def make_optimizer(model: VLM, cfg: Config) -> torch.optim.Optimizer:
     return lookup(OPTIMIZERS, cfg.train.optimizer, "train.optimizer")(groups, cfg.train.lr, model.device)
 
 
-def save_checkpoint(out_dir: Path, model: VLM, optimizer, scheduler, scaler, step: int) -> None:
-    """Writes the resumable state into a temporary folder, then swaps it in: a kill never leaves half of one."""
+def save_checkpoint(out_dir: Path, model: VLM, optimizer, scheduler, scaler, step: int, seen: dict) -> None:
+    """Writes the resumable state into a temporary folder, then swaps it in: a kill never leaves half of one.
+    `seen`: examples and answer tokens trained on up to `step`, so a resumed run's costs count the whole run."""
     final = out_dir / CHECKPOINT_DIR
     partial = fresh_partial(final)
     model.save(partial / "model")
     state = {
         "step": step,
+        "seen": seen,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -229,7 +232,12 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         return loss.item()
 
     model.train()
-    started, samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    started, samples, answer_tokens, window_loss, window_steps = time.perf_counter(), 0, 0, 0.0, 0
+    seen_before = state.get("seen", {}) if state else {}  # a checkpoint written before costs were kept has none
+
+    def seen() -> dict:
+        return {"examples_seen": seen_before.get("examples_seen", 0) + samples,
+                "answer_tokens_seen": seen_before.get("answer_tokens_seen", 0) + answer_tokens}
     bar = tqdm(range(start_step, tc.max_steps), initial=start_step, total=tc.max_steps, desc="train",
                disable=None if processes.is_main else True)
     for step in bar:
@@ -239,7 +247,8 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
             while batch is None:  # every image of this micro-batch was unusable (already reported)
                 batch = next(loader)
             micro_batches.append(batch)
-        samples += processes.weigh(micro_batches, model.language.answer_tokens)  # over all processes
+        step_samples, step_tokens = processes.weigh(micro_batches, model.language.answer_tokens)  # all processes
+        samples, answer_tokens = samples + step_samples, answer_tokens + step_tokens
         step_loss = processes.mean(guard.accumulate(step + 1, micro_batches, backward, optimizer))
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -266,7 +275,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
                 log({"step": done, "conditioning": alarm.check(model, done)})
         if processes.is_main and tc.save_every and done % tc.save_every == 0 and done < tc.max_steps:
             with tower_present():
-                save_checkpoint(out_dir, model, optimizer, scheduler, scaler, done)
+                save_checkpoint(out_dir, model, optimizer, scheduler, scaler, done, seen())
     bar.close()
     if parking:
         parking.unpark()
@@ -274,7 +283,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     if not processes.is_main:
         return {}  # the main process saves, evaluates and reports
 
-    save_checkpoint(out_dir, model, optimizer, scheduler, scaler, tc.max_steps)
+    save_checkpoint(out_dir, model, optimizer, scheduler, scaler, tc.max_steps, seen())
     model.save(fresh_partial(out_dir / "model"))
     replace_directory(out_dir / "model")
     test_examples = load_examples(cfg.data.eval, cfg.eval.split, cfg.data)
@@ -282,6 +291,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     metrics["train_seconds"] = train_seconds
     metrics["train_samples_per_second"] = samples / train_seconds if train_seconds > 0 else None
     metrics["train_steps"] = tc.max_steps
+    metrics.update(run_costs(model, **seen(), device=device))
     metrics["failed_train_images"] = len(dataset.failed)
     metrics.update(guard.counts())
     write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
