@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -100,19 +101,32 @@ def refuse_incomplete(model: nn.Module, where: Path) -> None:
         raise CheckpointError(f"{where}: weights do not match its config.json ({report})")
 
 
-def load_exact(module: nn.Module, path: Path, config_summary: str) -> None:
-    """Loads the safetensors file `path` into `module`, whose every key and shape must match the file's."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files: never read
+
+
+def read_exact(path: Path, expected: dict[str, torch.Size], config_summary: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file `path`, whose keys and shapes must be exactly `expected`'s (name -> shape;
+    `config_summary` says what they must fit, for the message). A pickle in its place is refused, never opened."""
+    if not path.is_file():
+        pickles = sorted(p.name for p in path.parent.glob(f"{path.stem}.*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(f"{path.parent / pickles[0]}: refused, a pickle can run code when loaded; vlmlab "
+                                  f"reads weights only from safetensors files ({path.name})")
     try:
         saved = load_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
-    expected = module.state_dict()
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
-    mismatched = [(k, saved[k].shape, expected[k].shape)
-                  for k in sorted(saved.keys() & expected.keys()) if saved[k].shape != expected[k].shape]
+    mismatched = [(k, saved[k].shape, expected[k])
+                  for k in sorted(saved.keys() & expected.keys()) if saved[k].shape != expected[k]]
     if missing or unexpected or mismatched:
         raise CheckpointError(f"{path} does not fit {config_summary}: {_key_report(missing, unexpected, mismatched)}")
-    module.load_state_dict(saved)
+    return saved
+
+
+def load_exact(module: nn.Module, path: Path, config_summary: str) -> None:
+    """Loads the safetensors file `path` into `module`, whose every key and shape must match the file's."""
+    module.load_state_dict(read_exact(path, {k: v.shape for k, v in module.state_dict().items()}, config_summary))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
@@ -19,6 +20,7 @@ from transformers import (
 )
 
 from vlmlab.config import Config, ConfigError, LanguageConfig, VisionConfig, apply_overrides
+from vlmlab.loading import CheckpointError
 from vlmlab.train import make_optimizer
 from vlmlab.tuning import (
     OWN_WEIGHTS,
@@ -240,3 +242,48 @@ def test_8bit_optimizer_needs_bitsandbytes():
 def test_vision_and_language_sections_share_the_lora_fields():
     assert {k for k in vars(VisionConfig()) if k.startswith("lora_")} == \
         {k for k in vars(LanguageConfig()) if k.startswith("lora_")}
+
+
+def _saved_adapter(tmp_path, rank: int = 4):
+    torch.manual_seed(0)
+    part = Part(gpt2())
+    apply_tuning(part, section("lora", rank=rank), "language")
+    save_reference(part, tmp_path)
+    torch.manual_seed(0)
+    fresh = Part(gpt2())
+    apply_tuning(fresh, section("lora"), "language")
+    return fresh
+
+
+def test_a_pickled_adapter_is_refused_in_one_line_never_read(tmp_path):
+    fresh = _saved_adapter(tmp_path)
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save({"payload": Payload()}, tmp_path / "adapter_model.bin")  # what peft's loader would unpickle
+    with pytest.raises(CheckpointError) as err:
+        load_reference(fresh, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "adapter_model.bin: refused" in message and "safetensors" in message
+    assert not marker.exists()
+
+
+def test_adapter_weights_that_do_not_fit_are_named(tmp_path):
+    fresh = _saved_adapter(tmp_path, rank=2)  # saved with rank 2, loaded into a rank-4 adapter
+    with pytest.raises(CheckpointError) as err:
+        load_reference(fresh, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "adapter_model.safetensors does not fit the LoRA adapter" in message
+    assert "lora_rank=4" in message and "lora_A.weight [2, 32] saved, [4, 32] expected" in message
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    dropped = sorted(weights)[0]
+    save_file({**{k: torch.zeros(4, *v.shape[1:]) if "lora_A" in k else torch.zeros(v.shape[0], 4)
+                  for k, v in weights.items() if k != dropped}, "stray.lora_A.weight": torch.zeros(1)},
+              tmp_path / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_reference(fresh, tmp_path)
+    assert f"missing {dropped}" in str(err.value) and "unexpected stray.lora_A.weight" in str(err.value)

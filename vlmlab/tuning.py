@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmlab.config import Config, ConfigError
+from vlmlab.loading import read_exact
 from vlmlab.registry import lookup
 
 TUNING_MODES = ("full", "frozen", "lora", "dora")
@@ -120,15 +121,14 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
 
 
 def load_adapter(model: PeftModel, directory: Path) -> None:
-    """Puts saved adapter weights back on a freshly adapted model; every adapter weight must be in the file."""
-    path = directory / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (a LoRA/DoRA part is saved as its adapter weights)")
-    result = set_peft_model_state_dict(model, load_file(path))
-    missing = [key for key in result.missing_keys if "lora_" in key]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{path} does not fit this adapter: missing {missing[:3]}, unexpected "
-                         f"{list(result.unexpected_keys)[:3]}")
+    """Puts saved adapter weights back on a freshly adapted model, through loading.py's checks: only from
+    safetensors (a pickled `adapter_model.bin` is refused, never read), and the file must hold exactly the adapter's
+    weights at their shapes (peft's own loader would read a pickle, and skip or half-load keys that differ)."""
+    expected = {key: tensor.shape for key, tensor in get_peft_model_state_dict(model).items()}  # as save_adapter saves
+    config = model.peft_config["default"]
+    what = (f"the {'DoRA' if config.use_dora else 'LoRA'} adapter config.yaml describes (lora_rank={config.r}, "
+            f"lora_targets)")
+    set_peft_model_state_dict(model, read_exact(directory / ADAPTER_WEIGHTS, expected, what))
 
 
 def _own_state(part: nn.Module) -> dict:
