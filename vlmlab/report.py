@@ -85,6 +85,8 @@ class Run:
     examples: dict = field(default_factory=dict)  # metric -> {example id: score}, from predictions.jsonl
     costs: dict = field(default_factory=dict)
     verdict: str | None = None
+    causes: list = field(default_factory=list)  # the suspected causes diagnose named
+    alarms: str = ""  # the training-time alarm at each check: "-" uses the image, "i" ignores it, "c" collapsed
     curve: list = field(default_factory=list)  # (training examples seen, validation VQA accuracy)
 
 
@@ -209,6 +211,12 @@ def validation_curve(directory: Path) -> list[tuple[int, float]]:
     ]
 
 
+def alarm_marks(log: list[dict]) -> str:
+    """The training-time alarm's verdict at each of its checks, one letter each (train_log.jsonl's records)."""
+    verdicts = [record["conditioning"].get("verdict", "") for record in log if isinstance(record.get("conditioning"), dict)]
+    return "".join("-" if verdict == "uses_image" else verdict[:1] for verdict in verdicts)
+
+
 def load_run(sweep_dir: Path, entry: dict) -> Run:
     """A ledger entry as a Run; one marked done whose metrics cannot be read counts as failed."""
     run = Run(entry["variant"], entry["seed"], entry, entry.get("status", "pending"), one_line(entry.get("error")))
@@ -225,6 +233,8 @@ def load_run(sweep_dir: Path, entry: dict) -> Run:
     run.examples = example_scores(read_jsonl(directory / "predictions.jsonl"))
     run.costs = flatten({key: metrics.get(key) for key in COSTS})
     run.verdict = diagnose.get("verdict")
+    run.causes = [cause["cause"] for cause in diagnose.get("suspected_causes", []) if isinstance(cause, dict)]
+    run.alarms = alarm_marks(read_jsonl(directory / "train_log.jsonl"))
     run.curve = validation_curve(directory)
     return run
 
@@ -285,6 +295,9 @@ def variant_summary(spec: dict, runs: list[Run], reference_runs: list[Run] | Non
     verdicts = Counter(run.verdict for run in finished if run.verdict)
     if verdicts:
         summary["verdicts"] = dict(sorted(verdicts.items()))
+        summary["suspected_causes"] = dict(Counter(cause for run in finished for cause in run.causes))
+    if any(run.alarms for run in finished):
+        summary["alarms"] = {str(run.seed): run.alarms for run in finished}
     return summary
 
 
@@ -448,9 +461,14 @@ def breakdown_sections(summary: dict) -> list[str]:
 
 
 def verdict_section(summary: dict) -> list[str]:
-    rows = [[f"`{name}`", ", ".join(f"{verdict} x{count}" for verdict, count in variant["verdicts"].items())]
+    rows = [[f"`{name}`", ", ".join(f"{verdict} x{count}" for verdict, count in variant["verdicts"].items()),
+             ", ".join(f"{cause} x{count}" for cause, count in variant["suspected_causes"].items()) or "none",
+             " ".join(variant.get("alarms", {}).values()) or "n/a"]
             for name, variant in summary["variants"].items() if "verdicts" in variant]
-    return ["## Diagnose verdicts", "", *markdown_table(["variant", "runs"], rows)] if rows else []
+    header = ["variant", "verdicts (runs)", "suspected causes named (runs)", "training alarm per check, per seed"]
+    legend = ("Alarm: one letter per check of the training-time alarm, `-` the outputs depend on the image, `i` "
+              "ignores the image, `c` collapsed.")
+    return ["## Diagnose verdicts", "", *markdown_table(header, rows), legend, ""] if rows else []
 
 
 def cost_section(summary: dict) -> list[str]:

@@ -57,11 +57,12 @@ def metrics_of(records: list[dict], cider: float, costs: dict) -> dict:
     return {**metrics, **costs}
 
 
-def write_run(directory, records, cider, costs, diagnose=None, validation=(0.3, 0.4)):
+def write_run(directory, records, cider, costs, diagnose=None, validation=(0.3, 0.4), alarms=()):
     directory.mkdir(parents=True)
     (directory / "config.yaml").write_text("train:\n  seed: 0\n  batch_size: 8\n  max_steps: 600\n")
     log = [{"step": 100 * (i + 1), "loss": 2.0 - i, "lr": 1e-4} for i in range(len(validation))]
     log += [{"step": 100 * (i + 1), "eval": {"vqa_accuracy": accuracy}} for i, accuracy in enumerate(validation)]
+    log += [{"step": 100 * (i + 1), "conditioning": {"verdict": verdict}} for i, verdict in enumerate(alarms)]
     (directory / "train_log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log) + '{"step": 3')
     (directory / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (directory / "metrics.json").write_text(json.dumps(metrics_of(records, cider, costs)))
@@ -69,8 +70,8 @@ def write_run(directory, records, cider, costs, diagnose=None, validation=(0.3, 
         (directory / "diagnose.json").write_text(json.dumps(diagnose))
 
 
-def diagnose_report(verdict: str, real_loss: float) -> dict:
-    return {"verdict": verdict, "reason": "the outputs follow the image", "signals_fired": [],
+def diagnose_report(verdict: str, real_loss: float, causes=()) -> dict:
+    return {"verdict": verdict, "suspected_causes": [{"cause": cause, "why": "...", "try": "..."} for cause in causes], "reason": "the outputs follow the image", "signals_fired": [],
             "example_outputs": ["red", "2"], "empty_output_rate": 0.025, "eos_first_rate": 0.0,
             "unchanged_with_shuffled_images": 0.3, "shuffled_image_gap": 0.25, "score_name": "vqa_accuracy",
             "score": {"real": 0.5, "shuffled": 0.25, "blank": 0.2},
@@ -103,13 +104,16 @@ def sweep(tmp_path_factory):
         runs[f"reference/seed{seed}"] = ledger_entry(sweep, "reference", seed, [])
         write_run(sweep / f"runs/reference/seed{seed}", predictions(range(18 + seed), range(9)), 0.5 + 0.05 * seed,
                   costs(100_000, 40.0 + seed, peak_memory_bytes=3 * 2**30),
-                  diagnose_report("uses_image", 1.0 + 0.1 * seed), validation=(0.3, 0.4 + 0.01 * seed))
+                  diagnose_report("uses_image", 1.0 + 0.1 * seed), validation=(0.3, 0.4 + 0.01 * seed),
+                  alarms=("ignores_image", "uses_image") if seed == 1 else ("uses_image", "uses_image"))
     for seed in (0, 2):
         runs[f"q64/seed{seed}"] = ledger_entry(sweep, "q64", seed, OVERRIDES["q64"])
         records = predictions(range(30 + seed), range(9), unusable={35} if seed == 2 else ())
         write_run(sweep / f"runs/q64/seed{seed}", records[::-1] if seed == 0 else records, 0.9 + 0.1 * seed / 2,
                   costs(150_000, 50.0, peak_memory_bytes=4 * 2**30),
-                  diagnose_report("uses_image" if seed == 0 else "ignores_image", 0.8), validation=(0.4, 0.6))
+                  diagnose_report("uses_image" if seed == 0 else "ignores_image", 0.8,
+                                  causes=("too little data",) if seed == 0 else ("too little data", "high learning rate")),
+                  validation=(0.4, 0.6))
     runs["q64/seed1"] = ledger_entry(sweep, "q64", 1, OVERRIDES["q64"], status="failed",
                                      error=f"Traceback (most recent call last):\n  ...\n{FAILED_ERROR}\n")
     for seed in range(3):
@@ -199,6 +203,9 @@ def test_diagnose_scalars_and_verdicts(sweep):
     assert "diagnose.verdict" not in metrics and "diagnose.example_outputs.0" not in metrics
     q64 = summary["variants"]["q64"]
     assert q64["verdicts"] == {"ignores_image": 1, "uses_image": 1}
+    assert q64["suspected_causes"] == {"too little data": 2, "high learning rate": 1}
+    assert summary["variants"]["reference"]["alarms"] == {"0": "--", "1": "i-", "2": "--"}
+    assert "alarms" not in q64 and summary["variants"]["reference"]["suspected_causes"] == {}
     # seeds 0 and 2: gaps 1.2 and 1.2 against 1.0 and 0.8
     assert q64["metrics"]["diagnose.reference_loss_gap"]["vs_reference"]["difference"] == pytest.approx(0.3)
     assert "verdicts" not in summary["variants"]["same"]
@@ -249,6 +256,8 @@ def test_report_md_has_the_tables_marks_and_commands(sweep):
     assert "## VQA accuracy by question type" in report and "| relation | `q64` |" in report
     assert "## VQA accuracy by answer type" in report
     assert "uses_image x1" in table_row(report, "Diagnose verdicts", "q64")
+    assert "too little data x2" in table_row(report, "Diagnose verdicts", "q64")
+    assert "-- i- --" in table_row(report, "Diagnose verdicts", "reference")
     costs_row = table_row(report, "Costs (mean over finished seeds)", "reference")
     assert "100k" in costs_row and "3.00 GiB" in costs_row and "41.0" in costs_row
     assert f"- `q64/seed1`: {FAILED_ERROR}" in report
