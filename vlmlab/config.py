@@ -36,6 +36,10 @@ class VisionConfig:
     num_layers: int = 3  # tiny tower: ViT layers or ResNet stages
     num_heads: int = 4  # tiny ViT only
     trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
+    revision: str = ""  # hub branch, tag or commit of vision.model ("": the default branch); a local path has none
+    # Written by vlmlab, not an option: what vision.model resolved to when the run began, `commit:<hub commit>` or
+    # `sha256:<hash of the local folder's files>` ("": built from scratch). Loading a saved model compares it.
+    resolved: str = ""
 
 
 @dataclass
@@ -71,6 +75,10 @@ class LanguageConfig:
     # say EOS first, the empty captions of the GPT-2 captioner. Never set it to train a model you mean to use.
     train_padding_as_eos: bool = False
     trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
+    revision: str = ""  # hub branch, tag or commit of language.model ("": the default branch); a local path has none
+    # Written by vlmlab, not an option: what language.model resolved to when the run began, `commit:<hub commit>` or
+    # `sha256:<hash of the local folder's files>` ("": built from scratch). Loading a saved model compares it.
+    resolved: str = ""
 
 
 @dataclass

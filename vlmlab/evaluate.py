@@ -19,6 +19,7 @@ from vlmlab.data.example import Example
 from vlmlab.log import warn
 from vlmlab.metrics import JavaNotFoundError, accuracy_by, caption_metrics, vqa_accuracy
 from vlmlab.prompts import describe_prompts, format_prompt
+from vlmlab.weights import described
 
 CIDER_NOTE = ("CIDEr takes its document frequencies from the references of the examples scored here, so it is "
               "comparable only with CIDEr computed on the same examples (a subset scores differently from the full "
@@ -152,6 +153,7 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
     metrics["num_vqa_examples"] = sum(not e.is_caption for e, o in zip(examples, outputs) if o is not None)
     metrics["num_caption_examples"] = sum(e.is_caption for e, o in zip(examples, outputs) if o is not None)
     metrics["failed_images"] = len(dataset.failed)
+    metrics["weights"] = described(model.config)  # which pretrained weights were evaluated (weights.py)
     model.train(was_training)
     return metrics, records
 

@@ -314,21 +314,22 @@ class LanguageModel(nn.Module):
             save_file(state, Path(directory) / FUSION_FILE)
 
 
-def load_pretrained(name: str, trust_remote_code: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A hub name or local path -> (LM, tokenizer); the LM class follows the checkpoint's own config."""
-    config = pretrained_config("language.model", name, trust_remote_code)
+def load_pretrained(name: str, trust_remote_code: bool = False,
+                    revision: str = "") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A hub name or local path (at hub `revision`) -> (LM, tokenizer); the LM class follows the checkpoint's config."""
+    config = pretrained_config("language.model", name, trust_remote_code, revision)
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    tokenizer = pretrained_tokenizer("language.model", name, trust_remote_code)
+    tokenizer = pretrained_tokenizer("language.model", name, trust_remote_code, revision)
     if tokenizer.pad_token is None:
         # GPT-2 ships no pad token. Reusing EOS is harmless here: labels never come from comparing ids with pad.
         tokenizer.pad_token = tokenizer.eos_token
-    return pretrained_model(model_class, "language.model", name, trust_remote_code), tokenizer
+    return pretrained_model(model_class, "language.model", name, trust_remote_code, revision), tokenizer
 
 
 def build_language(cfg: LanguageConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:
     """Loads `cfg.model`, or builds a tiny LM of `cfg.family` around `tokenizer` (trained on the data)."""
     if cfg.model:
-        model, tokenizer = load_pretrained(cfg.model, cfg.trust_remote_code)
+        model, tokenizer = load_pretrained(cfg.model, cfg.trust_remote_code, cfg.revision)
     else:
         if tokenizer is None:
             raise ValueError("a tiny language model needs a tokenizer trained on the data")

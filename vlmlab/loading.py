@@ -39,23 +39,24 @@ def _cannot_load(key: str, name: str, err: Exception) -> CheckpointError:
     return CheckpointError(f"{key}={name!r} cannot be loaded: {_first_line(err)}{hint}")
 
 
-def pretrained_config(key: str, name: str, trust_remote_code: bool):
-    """The transformers config of checkpoint `name`; `key` is the config field that named it (for messages)."""
+def pretrained_config(key: str, name: str, trust_remote_code: bool, revision: str = ""):
+    """The transformers config of checkpoint `name` at hub `revision` ("": the default branch); `key` is the
+    config field that named it (for messages)."""
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision or None)
     except (OSError, ValueError) as err:
         raise _cannot_load(key, name, err) from None
 
 
-def pretrained_tokenizer(key: str, name: str, trust_remote_code: bool):
+def pretrained_tokenizer(key: str, name: str, trust_remote_code: bool, revision: str = ""):
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision or None)
     except (OSError, ValueError) as err:
         raise _cannot_load(key, name, err) from None
 
 
-def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool):
-    """`model_class.from_pretrained(name)` from safetensors only; refuses weights of the wrong shape.
+def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool, revision: str = ""):
+    """`model_class.from_pretrained(name, revision=)` from safetensors only; refuses weights of the wrong shape.
 
     Returns the model with `loading_info` set: transformers' `missing_keys` and `unexpected_keys` (sets of names).
     """
@@ -63,6 +64,7 @@ def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool):
         model, info = model_class.from_pretrained(
             name,
             trust_remote_code=trust_remote_code,
+            revision=revision or None,  # a local path ignores it
             use_safetensors=True,
             output_loading_info=True,
             ignore_mismatched_sizes=True,  # reported below as an error that names the keys, not as a bare report

@@ -29,6 +29,7 @@ from vlmlab.tokenizer import train_tokenizer
 from vlmlab.tuning import (apply_tuning, check_modes, is_adapted, load_reference, merge_adapter, save_reference,
                            saved_by_reference)
 from vlmlab.vision import VisionTower, build_vision
+from vlmlab.weights import check_reference
 
 CONFIG_FILE = "config.yaml"
 CONNECTOR_FILE = "connector.safetensors"
@@ -157,7 +158,7 @@ class VLM(nn.Module):
         parts = copy.deepcopy(config)
         for part in ("vision", "language"):
             if not saved_by_reference(getattr(config, part)):
-                getattr(parts, part).model = str(directory / part)
+                getattr(parts, part).model, getattr(parts, part).revision = str(directory / part), ""
         model = build_vlm(parts)
         model.config = config
         # A saved model must be complete: weights missing from a part, or a connector built by config.yaml that
@@ -165,6 +166,8 @@ class VLM(nn.Module):
         for part in ("vision", "language"):
             if saved_by_reference(getattr(config, part)):  # a base by name: only its adapter is ours to check
                 load_reference(getattr(model, part), directory / part)
+                section = getattr(config, part)  # a warning when its name now resolves to other weights:
+                section.resolved = check_reference(section, part, directory)
             else:
                 refuse_incomplete(getattr(model, part).model, directory / part)
         connector_config = ", ".join(f"connector.{k}={v!r}" for k, v in vars(config.connector).items())
@@ -219,7 +222,7 @@ def start_from(directory: str | Path, config: Config) -> VLM:
         if part in adapted:
             section.model = ""  # its weights (base + adapter) exist in no folder: never saved by reference
         elif (saved_at / part / "config.json").is_file():
-            section.model = str(saved_at.resolve() / part)
+            section.model, section.revision = str(saved_at.resolve() / part), ""
         section.train = mode
         getattr(model, part).requires_grad_(mode == "full")
         setattr(merged, part, section)

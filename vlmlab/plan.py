@@ -103,15 +103,15 @@ KNOWN_ARCHITECTURES = {
 OWN_OUTPUT_LAYER = {"google/flan-t5-small", "google/flan-t5-base", "google/flan-t5-large"}
 
 
-def architecture(key: str, name: str, trust_remote_code: bool):
+def architecture(key: str, name: str, trust_remote_code: bool, revision: str = ""):
     """A checkpoint's transformers config: written out above for the presets' names, else read (path or hub)."""
     if name in KNOWN_ARCHITECTURES:
         return KNOWN_ARCHITECTURES[name]()
-    return pretrained_config(key, name, trust_remote_code)
+    return pretrained_config(key, name, trust_remote_code, revision)
 
 
 def _vision_from_architecture(cfg) -> VisionTower:
-    config = architecture("vision.model", cfg.model, cfg.trust_remote_code)
+    config = architecture("vision.model", cfg.model, cfg.trust_remote_code, cfg.revision)
     model_class = VISION_HALF_OF.get(config.model_type)
     config = getattr(config, "vision_config", config)  # a dual encoder (CLIP, SigLIP): its vision half
     model = model_class(config) if model_class else AutoModel.from_config(config)
@@ -120,7 +120,7 @@ def _vision_from_architecture(cfg) -> VisionTower:
 
 
 def _language_from_architecture(cfg) -> LanguageModel:
-    config = architecture("language.model", cfg.model, cfg.trust_remote_code)
+    config = architecture("language.model", cfg.model, cfg.trust_remote_code, cfg.revision)
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     # The step below feeds token ids, never text: the tokenizer is asked only for an EOS id, so a local one will do.
     tokenizer = train_tokenizer(["Question: Answer:"], 300)

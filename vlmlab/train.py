@@ -38,6 +38,7 @@ from vlmlab.parking import park_if_cached
 from vlmlab.prompts import format_prompt
 from vlmlab.registry import lookup
 from vlmlab.tuning import enable_gradient_checkpointing
+from vlmlab.weights import record as record_weights
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
@@ -168,6 +169,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
             model = build_vlm(cfg, training_texts(train_examples, cfg.data))
         model, state = model.to(device), None
         if processes.is_main:
+            record_weights(cfg)  # what each pretrained part's name resolved to: in config.yaml, the model, metrics
             save_config(cfg, out_dir / "config.yaml")
             (out_dir / "train_log.jsonl").unlink(missing_ok=True)
     tc = cfg.train

@@ -116,15 +116,22 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
     """The adapter alone, in peft's format: `adapter_config.json` (base name included) and its weights."""
     directory.mkdir(parents=True, exist_ok=True)
     model.peft_config["default"].save_pretrained(directory)
-    state = {key: tensor.detach().contiguous().cpu() for key, tensor in get_peft_model_state_dict(model).items()}
+    state = {key: tensor.detach().contiguous().cpu() for key, tensor in adapter_state(model).items()}
     save_file(state, directory / ADAPTER_WEIGHTS)
+
+
+def adapter_state(model: PeftModel) -> dict:
+    """The adapter's weights by the names peft saves them under. Never the embeddings: vlmlab never resizes a
+    vocabulary, and peft's check whether it was ("auto") asks the hub for the base's config.json at its default
+    branch, a network call at every save that ignores `<part>.revision`."""
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
 def load_adapter(model: PeftModel, directory: Path) -> None:
     """Puts saved adapter weights back on a freshly adapted model, through loading.py's checks: only from
     safetensors (a pickled `adapter_model.bin` is refused, never read), and the file must hold exactly the adapter's
     weights at their shapes (peft's own loader would read a pickle, and skip or half-load keys that differ)."""
-    expected = {key: tensor.shape for key, tensor in get_peft_model_state_dict(model).items()}  # as save_adapter saves
+    expected = {key: tensor.shape for key, tensor in adapter_state(model).items()}  # as save_adapter saves them
     config = model.peft_config["default"]
     what = (f"the {'DoRA' if config.use_dora else 'LoRA'} adapter config.yaml describes (lora_rank={config.r}, "
             f"lora_targets)")

@@ -170,12 +170,12 @@ class VisionTower(nn.Module):
         preprocessing.save_pretrained(directory)
 
 
-def _pretrained_tower(name: str, trust_remote_code: bool) -> tuple[nn.Module, list[float], list[float]]:
-    model_type = pretrained_config("vision.model", name, trust_remote_code).model_type
+def _pretrained_tower(name: str, trust_remote_code: bool, revision: str) -> tuple[nn.Module, list[float], list[float]]:
+    model_type = pretrained_config("vision.model", name, trust_remote_code, revision).model_type
     model_class = VISION_HALF_OF.get(model_type, AutoModel)
-    model = pretrained_model(model_class, "vision.model", name, trust_remote_code)
+    model = pretrained_model(model_class, "vision.model", name, trust_remote_code, revision)
     try:
-        processor = ImageProcessingMixin.get_image_processor_dict(name)[0]
+        processor = ImageProcessingMixin.get_image_processor_dict(name, revision=revision or None)[0]
     except OSError:  # a tower saved without preprocessing: the ImageNet statistics most towers were trained on
         processor = {}
     return model, processor.get("image_mean", [0.485, 0.456, 0.406]), processor.get("image_std", [0.229, 0.224, 0.225])
@@ -183,7 +183,7 @@ def _pretrained_tower(name: str, trust_remote_code: bool) -> tuple[nn.Module, li
 
 def build_vision(cfg: VisionConfig) -> VisionTower:
     if cfg.model:
-        model, mean, std = _pretrained_tower(cfg.model, cfg.trust_remote_code)
+        model, mean, std = _pretrained_tower(cfg.model, cfg.trust_remote_code, cfg.revision)
         image_size = getattr(model.config, "image_size", None) or cfg.image_size
     else:
         model = lookup(TINY_FAMILIES, cfg.family, "tiny vision family")(cfg)
