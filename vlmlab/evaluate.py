@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from vlmlab.config import Config
 from vlmlab.data.batching import ExampleDataset
 from vlmlab.data.example import Example
+from vlmlab.faults import GenerationBatch, attempt
 from vlmlab.log import warn
 from vlmlab.metrics import JavaNotFoundError, accuracy_by, caption_metrics, vqa_accuracy
 from vlmlab.prompts import describe_prompts, format_prompt
@@ -49,8 +50,13 @@ def shown_image(dataset: ExampleDataset, by_id: dict[str, Example], example: Exa
 
 
 def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config, swap: dict | None = None,
-            desc: str = "eval") -> list[str]:
-    """Generated text for each example (None where its image is unusable); `swap` replaces image ids."""
+            desc: str = "eval", batch: GenerationBatch | None = None) -> list[str]:
+    """Generated text for each example (None where its image is unusable); `swap` replaces image ids.
+
+    Out of memory, the generation batch is halved and the same examples generated again (`batch`, shared by the
+    passes of one evaluation, keeps the smaller size and counts the events); the outputs do not change.
+    """
+    batch = batch or GenerationBatch(cfg.eval.batch_size)
     by_id = images_by_id(dataset)
     outputs: list[str | None] = [None] * len(examples)
     groups = defaultdict(list)  # captions and answers differ in length budget: generate them apart
@@ -59,11 +65,13 @@ def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config
     ev = cfg.eval
     bar = tqdm(total=len(examples), desc=desc, leave=False, disable=None)
     for is_caption, indices in groups.items():
-        for start in range(0, len(indices), ev.batch_size):
+        start = 0
+        while start < len(indices):
+            block = indices[start : start + batch.size]
             chunk, prompts, image_index = [], [], []
             slots: dict[str, int] = {}  # image id -> its row in `pixels`: each image goes through vision once
             pixels = []
-            for index in indices[start : start + ev.batch_size]:
+            for index in block:
                 example = examples[index]
                 image_id, image_pixels = shown_image(dataset, by_id, example, swap)
                 if image_pixels is not None:
@@ -75,17 +83,21 @@ def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config
                     image_index.append(slots[key])
                     prompts.append(format_prompt(cfg.data, example.question))
             if chunk:
-                texts = model.generate(
+                texts, failed = attempt(lambda: model.generate(
                     torch.stack(pixels),
                     prompts,
                     image_index=torch.tensor(image_index),
                     max_new_tokens=ev.caption_max_new_tokens if is_caption else ev.max_new_tokens,
                     min_new_tokens=ev.min_new_tokens,
                     num_beams=ev.num_beams,
-                )
+                ))
+                if failed:
+                    batch.halve(len(chunk))  # the same examples again, fewer at a time
+                    continue
                 for index, text in zip(chunk, texts):
                     outputs[index] = text
-            bar.update(len(indices[start : start + ev.batch_size]))
+            bar.update(len(block))
+            start += len(block)
     bar.close()
     return outputs
 
@@ -123,7 +135,8 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
     dataset = ExampleDataset(examples, cfg.data, model.vision.image_size)
     was_training = model.training
     model.eval()
-    outputs = predict(model, dataset, examples, cfg)
+    batch = GenerationBatch(ev.batch_size)  # halved when memory runs out, for both passes
+    outputs = predict(model, dataset, examples, cfg, batch=batch)
     real = score(examples, outputs, ev.caption_metrics)
     metrics = {
         "vqa_accuracy": real["vqa_accuracy"],
@@ -141,7 +154,8 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
     ]
     if ev.shuffled_control:
         swap = derangement([e.image_id for e in examples], seed=cfg.train.seed)
-        shuffled_outputs = predict(model, dataset, examples, cfg, swap=swap, desc="eval, shuffled images")
+        shuffled_outputs = predict(model, dataset, examples, cfg, swap=swap, desc="eval, shuffled images",
+                                   batch=batch)
         shuffled = score(examples, shuffled_outputs, ev.caption_metrics)
         metrics["vqa_accuracy_shuffled_images"] = shuffled["vqa_accuracy"]
         metrics["vqa_accuracy_by_type_shuffled_images"] = shuffled["vqa_accuracy_by_type"]
@@ -153,6 +167,7 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
     metrics["num_vqa_examples"] = sum(not e.is_caption for e, o in zip(examples, outputs) if o is not None)
     metrics["num_caption_examples"] = sum(e.is_caption for e, o in zip(examples, outputs) if o is not None)
     metrics["failed_images"] = len(dataset.failed)
+    metrics["eval_out_of_memory_events"] = batch.events
     metrics["weights"] = described(model.config)  # which pretrained weights were evaluated (weights.py)
     model.train(was_training)
     return metrics, records

@@ -6,7 +6,8 @@
 - A step whose loss or gradient is not finite (NaN / Inf): the update is skipped, logged and counted; after
   `train.max_bad_steps` such steps in a row the run stops with a `TrainingFault`.
 - Out of GPU memory: the micro-batch is halved (again, as often as needed) and gradient accumulation raised to
-  match, so the effective batch and the gradient stay what they were; the run goes on with a log line.
+  match, so the effective batch and the gradient stay what they were; the run goes on with a log line. Evaluation
+  halves its generation batch by the same rule (`attempt`, `halved`); only one example that does not fit stops it.
 """
 
 from __future__ import annotations
@@ -108,6 +109,45 @@ def truncate_log(path: Path, step: int) -> None:
     write_text_atomically(path, "".join(kept))
 
 
+# -- out of memory ---------------------------------------------------------------------------------------------
+def attempt(work: Callable[[], object], release: Callable[[], None] = lambda: None) -> tuple[object, bool]:
+    """(work(), False); or (None, True) when it ran out of memory, after `release()` dropped what the failed pass
+    left behind (gradients) and the device's cached blocks went back. Freed outside the except block: the
+    traceback holds the failed pass's tensors until it is left."""
+    try:
+        return work(), False
+    except torch.OutOfMemoryError:
+        pass
+    release()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None, True
+
+
+def halved(before: int, stop: str) -> int:
+    """How many examples a pass may take after `before` ran out of memory: half, rounded up. One example cannot be
+    cut: the run stops with `stop`, which says what to change."""
+    if before <= 1:
+        raise TrainingFault(stop)
+    return math.ceil(before / 2)
+
+
+class GenerationBatch:
+    """The examples evaluation generates for at once: `eval.batch_size`, halved each time memory runs out (one
+    warning line each, counted in `events`) for the rest of the evaluation."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.events = 0
+
+    def halve(self, before: int) -> None:
+        self.size = halved(before, "evaluation: out of memory generating for one example; lower eval.num_beams or "
+                                   "eval.caption_max_new_tokens, or use a larger GPU (a trained model is saved before "
+                                   "its evaluation: `vlmlab eval --model RUN` evaluates it again)")
+        self.events += 1
+        warn(f"evaluation: out of memory; generation batch {before} -> {self.size} examples")
+
+
 # -- batches ---------------------------------------------------------------------------------------------------
 def split_batch(batch: dict, size: int) -> list[dict]:
     """Cuts a collated batch into batches of at most `size` consecutive examples, each carrying only its images.
@@ -174,21 +214,17 @@ class FaultGuard:
         """
         while True:
             optimizer.zero_grad(set_to_none=True)
-            try:
-                return sum(backward(piece, share) for batch in micro_batches for piece, share in self._shares(batch))
-            except torch.OutOfMemoryError:
-                pass  # handled below, outside the except block, so the failed pass's tensors can be freed
-            optimizer.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            loss, failed = attempt(lambda: sum(backward(piece, share) for batch in micro_batches
+                                               for piece, share in self._shares(batch)),
+                                   release=lambda: optimizer.zero_grad(set_to_none=True))
+            if not failed:
+                return loss
             self._cut_smaller(step, max(len(batch["prompts"]) for batch in micro_batches))
 
     def _cut_smaller(self, step: int, largest: int) -> None:
         before = min(largest, self.piece_size or largest)
-        if before <= 1:
-            raise TrainingFault(f"step {step}: out of memory with one example per forward pass; use a smaller model, "
-                                f"fewer visual tokens, shorter texts, or train.precision=bf16")
-        self.piece_size = math.ceil(before / 2)
+        self.piece_size = halved(before, f"step {step}: out of memory with one example per forward pass; use a "
+                                         f"smaller model, fewer visual tokens, shorter texts, or train.precision=bf16")
         self.out_of_memory += 1
         accumulation = [self.grad_accum * math.ceil(self.micro_batch / size) for size in (before, self.piece_size)]
         warn(f"step {step}: out of memory; micro-batch {before} -> {self.piece_size} examples, gradient accumulation "

@@ -203,3 +203,52 @@ def test_recover_directory_drops_a_half_written_folder(tmp_path):
     _folder(partial_of(final), "half")
     recover_directory(final)
     assert (final / "state").read_text() == "good" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def _inject_generation(monkeypatch, fault):
+    """Wraps generation: `fault(call, batch_size)` may raise; returns the batch sizes asked for."""
+    real_generate, sizes = VLM.generate, []
+
+    def generate(self, pixels, prompts, max_new_tokens, image_index=None, **options):
+        sizes.append(len(prompts))
+        fault(len(sizes), len(prompts))
+        return real_generate(self, pixels, prompts, max_new_tokens, image_index, **options)
+
+    monkeypatch.setattr(VLM, "generate", generate)
+    return sizes
+
+
+def _predictions(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_out_of_memory_in_evaluation_halves_the_batch_and_goes_on(clean_run, tmp_path, monkeypatch, capsys):
+    # A "GPU" that generates for at most 2 examples at once: the batch is halved until it fits, then kept.
+    def fault(call, size):
+        if size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    sizes = _inject_generation(monkeypatch, fault)
+    assert main(["train", "--out", str(tmp_path), *TINY]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "evaluation: out of memory" in line]
+    first = sizes[0]
+    assert first > 4 and sizes[1] == (first + 1) // 2 and max(sizes[2:]) <= 2
+    assert warnings[0] == f"warning: evaluation: out of memory; generation batch {first} -> {sizes[1]} examples"
+    assert len(warnings) == _metrics(tmp_path)["eval_out_of_memory_events"] == 2
+    # Every example answered, and answered as without the fault.
+    assert _predictions(tmp_path) == _predictions(clean_run)
+    assert _metrics(tmp_path)["vqa_accuracy"] == _metrics(clean_run)["vqa_accuracy"]
+    assert _metrics(clean_run)["eval_out_of_memory_events"] == 0
+
+
+def test_out_of_memory_in_evaluation_with_one_example_stops_after_the_model_is_saved(tmp_path, monkeypatch, capsys):
+    def fault(call, size):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    _inject_generation(monkeypatch, fault)
+    assert main(["train", "--out", str(tmp_path), *TINY]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: evaluation: out of memory generating for one example")
+    assert "vlmlab eval --model" in error and not (tmp_path / "metrics.json").exists()
+    monkeypatch.undo()
+    assert VLM.load(tmp_path, device="cpu").ask(make_split("test", 1)[0].image, "what color is the circle?") is not None
