@@ -1,12 +1,17 @@
-"""Training with several processes, one per GPU (DDP), launched by `accelerate`:
+"""Training with several processes, one per GPU (data parallel), launched by `accelerate`:
 
     accelerate launch --multi_gpu --num_processes 2 -m vlmlab train --out runs/ddp --preset recommended
 
 `train.batch_size` stays the effective batch of one optimizer step, over all processes. Every process draws the
 same micro-batches and takes its own consecutive part of each (so an image's questions mostly stay together); its
-loss is weighted by its part of the micro-batch's answer tokens, so that the gradient DDP averages is exactly the
-one a single process computes on the whole micro-batch. Only the main process writes checkpoints, logs, the model
-and the metrics. A run started without a launcher is one process and none of this costs anything.
+loss is weighted by its part of the micro-batch's answer tokens, so that the averaged gradient is exactly the one a
+single process computes on the whole micro-batch. Only the main process writes checkpoints, logs, the model and the
+metrics. A run started without a launcher is one process and none of this costs anything.
+
+Gradients are averaged once a step, after every process has finished its passes and all have agreed that none ran
+out of memory (`gather`), not inside backward as DDP does: a process that runs out of memory halfway would leave
+the others waiting in a gradient all-reduce it never joins. So all processes cut their micro-batches together, or
+stop together (faults.py). The cost: the all-reduce does not overlap the backward pass.
 """
 
 from __future__ import annotations
@@ -33,12 +38,40 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to run training passes through: DDP, which averages gradients in backward, or `model`."""
+    def share(self, model: nn.Module) -> nn.Module:
+        """Gives every process the main process's weights and buffers (as DDP does when it wraps a model); returns
+        the module training passes run through, `model` itself (`average_gradients` does the rest)."""
+        if self.world > 1:
+            with torch.no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    torch.distributed.broadcast(tensor, src=0)
+        return model
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Each trained parameter's gradient becomes its mean over the processes, in place (DDP's all-reduce). A
+        parameter no process computed a gradient for keeps none; one that only some did gets zeros elsewhere."""
         if self.world == 1:
-            return model
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            return
+        trained = [p for p in parameters if p.requires_grad]
+        has_grad = self._sum(torch.tensor([p.grad is not None for p in trained], dtype=torch.float64))
+        grads = []
+        for param, anyone in zip(trained, has_grad.tolist()):
+            if anyone:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                grads.append(param.grad)
+        for handle in [torch.distributed.all_reduce(grad, async_op=True) for grad in grads]:
+            handle.wait()
+        for grad in grads:
+            grad.div_(self.world)
+
+    def gather(self, values: list[int]) -> list[list[int]]:
+        """Every process's `values` (whole numbers), in rank order: what each one saw, known to all."""
+        if self.world == 1:
+            return [list(values)]
+        table = torch.zeros(self.world, len(values), dtype=torch.float64)
+        table[self.rank] = torch.tensor(values, dtype=torch.float64)
+        return [[int(v) for v in row] for row in self._sum(table).tolist()]
 
     def shard(self, batches: Iterable[list[int]]) -> ShardedBatches:
         return ShardedBatches(batches, self.rank, self.world)
@@ -48,7 +81,7 @@ class Processes:
         numbers of examples and of answer tokens of the step over all processes.
 
         A process's loss is a mean over its own n answer tokens; weighted by world * n / N (N: the micro-batch's
-        answer tokens over all processes) the DDP average of the gradients is the gradient of the mean over all N.
+        answer tokens over all processes) the average of the gradients is the gradient of the mean over all N.
         """
         local = torch.tensor([[answer_tokens(batch["targets"]), len(batch["prompts"])] for batch in micro_batches],
                              dtype=torch.float64)

@@ -171,11 +171,16 @@ class FaultGuard:
     """Runs a step's forward and backward passes through out-of-memory errors and judges the step's numbers.
 
     `record` appends a dict to the run's log; `answer_tokens(targets)` counts the answer tokens a batch's loss is
-    averaged over, so that pieces of a cut micro-batch are weighted to give exactly the uncut gradient.
+    averaged over, so that pieces of a cut micro-batch are weighted to give exactly the uncut gradient. With several
+    processes, `gather(values)` returns every process's values (distributed.Processes.gather), so that all of them
+    learn that one ran out of memory and cut their micro-batches together; only the main one (`is_main`) warns.
     """
 
     def __init__(self, max_bad_steps: int, micro_batch: int, grad_accum: int,
-                 answer_tokens: Callable[[list[str]], int], record: Callable[[dict], None]):
+                 answer_tokens: Callable[[list[str]], int], record: Callable[[dict], None],
+                 gather: Callable[[list[int]], list[list[int]]] = lambda values: [values], is_main: bool = True):
+        self.gather = gather
+        self.warn = warn if is_main else (lambda message: None)
         self.max_bad_steps = max_bad_steps
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
@@ -210,26 +215,35 @@ class FaultGuard:
                    optimizer: torch.optim.Optimizer) -> float:
         """Gradients of one optimizer step; returns the summed loss `backward(piece, share)` reported.
 
-        On out-of-memory the step starts over with micro-batches half as large, and twice as many of them.
+        On out-of-memory the step starts over with micro-batches half as large, and twice as many of them; in every
+        process when any one of them ran out (the passes hold no collective, so one that failed does not strand the
+        others: they finish theirs, then all learn the outcome, one small all-reduce per step).
         """
         while True:
             optimizer.zero_grad(set_to_none=True)
+            largest = max(len(batch["prompts"]) for batch in micro_batches)
             loss, failed = attempt(lambda: sum(backward(piece, share) for batch in micro_batches
                                                for piece, share in self._shares(batch)),
                                    release=lambda: optimizer.zero_grad(set_to_none=True))
-            if not failed:
+            outcome = self.gather([int(failed), min(largest, self.piece_size or largest)])  # (failed, size) each
+            if not any(ran_out for ran_out, _ in outcome):
                 return loss
-            self._cut_smaller(step, max(len(batch["prompts"]) for batch in micro_batches))
+            self._cut_smaller(step, outcome)
 
-    def _cut_smaller(self, step: int, largest: int) -> None:
-        before = min(largest, self.piece_size or largest)
-        self.piece_size = halved(before, f"step {step}: out of memory with one example per forward pass; use a "
-                                         f"smaller model, fewer visual tokens, shorter texts, or train.precision=bf16")
+    def _cut_smaller(self, step: int, outcome: list[list[int]]) -> None:
+        """Halves the pieces of every process after those in `outcome` that ran out of memory (at their size)."""
+        ran_out = [rank for rank, (failed, _) in enumerate(outcome) if failed]
+        where = f" in process {', '.join(map(str, ran_out))} of {len(outcome)}" if len(outcome) > 1 else ""
+        before = min(outcome[rank][1] for rank in ran_out)
+        self.piece_size = halved(before, f"step {step}: out of memory{where} with one example per forward pass; use "
+                                         f"a smaller model, fewer visual tokens, shorter texts, or "
+                                         f"train.precision=bf16")
         self.out_of_memory += 1
-        accumulation = [self.grad_accum * math.ceil(self.micro_batch / size) for size in (before, self.piece_size)]
-        warn(f"step {step}: out of memory; micro-batch {before} -> {self.piece_size} examples, gradient accumulation "
-             f"{accumulation[0]} -> {accumulation[1]} (the effective batch of {self.micro_batch * self.grad_accum} "
-             f"is kept)")
+        per_process = math.ceil(self.micro_batch / len(outcome))  # each process's part of a micro-batch
+        accumulation = [self.grad_accum * math.ceil(per_process / size) for size in (before, self.piece_size)]
+        self.warn(f"step {step}: out of memory{where}; micro-batch {before} -> {self.piece_size} examples, gradient "
+                  f"accumulation {accumulation[0]} -> {accumulation[1]} (the effective batch of "
+                  f"{self.micro_batch * self.grad_accum} is kept)")
         self.record({"step": step, "fault": "out of memory", "micro_batch": self.piece_size})
 
     def step_is_finite(self, step: int, loss: float, grad_norm: torch.Tensor) -> bool:
@@ -240,8 +254,8 @@ class FaultGuard:
         what = "loss" if not math.isfinite(loss) else "gradient"
         self.bad_steps += 1
         self.bad_in_a_row += 1
-        warn(f"step {step}: non-finite {what} (loss {loss}, gradient norm {float(grad_norm)}), update skipped "
-             f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)")
+        self.warn(f"step {step}: non-finite {what} (loss {loss}, gradient norm {float(grad_norm)}), update skipped "
+                  f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)")
         self.record({"step": step, "fault": f"non-finite {what}", "in_a_row": self.bad_in_a_row})
         if self.bad_in_a_row >= self.max_bad_steps:
             raise TrainingFault(

@@ -216,11 +216,12 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         if processes.is_main:  # one log, however many processes
             append_log(log_path, record)
 
-    guard = FaultGuard(tc.max_bad_steps, micro_batch, tc.grad_accum, model.language.answer_tokens, log)
+    guard = FaultGuard(tc.max_bad_steps, micro_batch, tc.grad_accum, model.language.answer_tokens, log,
+                       gather=processes.gather, is_main=processes.is_main)  # several processes cut alike
     guard.resume(log_path, start_step)
 
-    forward = processes.wrap(model)  # DDP under several processes
-    # After DDP has read every weight: the tower is parked while steps read the cache, back for what runs it.
+    forward = processes.share(model)  # every process starts from the main one's weights
+    # After every weight was shared: the tower is parked while steps read the cache, back for what runs it.
     parking = park_if_cached(model, dataset, tc.park_tower)
     tower_present = parking.unparked if parking else contextlib.nullcontext
 
@@ -252,6 +253,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         step_samples, step_tokens = processes.weigh(micro_batches, model.language.answer_tokens)  # all processes
         samples, answer_tokens = samples + step_samples, answer_tokens + step_tokens
         step_loss = processes.mean(guard.accumulate(step + 1, micro_batches, backward, optimizer))
+        processes.average_gradients(model.parameters())  # once all processes' passes fit (distributed.py)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         if guard.step_is_finite(step + 1, step_loss, grad_norm):
