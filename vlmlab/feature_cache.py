@@ -195,8 +195,8 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int):
-        example = self.examples[index]
+    def __getitem__(self, index: int | tuple[int, int]):
+        example = self.examples[index[0] if isinstance(index, tuple) else index]  # (index, seed): nothing to draw
         digest = self.hashes[image_key(example)]
         if digest is None or digest not in self.store:
             return None

@@ -217,16 +217,16 @@ def num_views(data: DataConfig) -> int:
     return NUM_SPLIT_VIEWS if data.image_split else 1
 
 
-def random_resize(pixels: torch.Tensor, min_scale: float) -> torch.Tensor:
+def random_resize(pixels: torch.Tensor, min_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Training augmentation: the picture shrunk by a random factor in [min_scale, 1] and placed at a random spot
     on grey; nothing is cut off, so counts and left/right stay true. uint8 `[..., 3, S, S]` in and out; draws from
-    torch's RNG (which checkpoints save, so a resumed run repeats the same draws)."""
+    `generator` (training seeds one per example and visit: see `with_draw_seeds`), else from torch's RNG."""
     if min_scale >= 1.0:
         return pixels
     size = pixels.shape[-1]
-    scale = min_scale + (1.0 - min_scale) * torch.rand(()).item()
+    scale = min_scale + (1.0 - min_scale) * torch.rand((), generator=generator).item()
     side = max(1, round(size * scale))
-    top, left = (torch.randint(0, size - side + 1, (2,))).tolist()
+    top, left = (torch.randint(0, size - side + 1, (2,), generator=generator)).tolist()
     flat = pixels.reshape(-1, 3, size, size).float()
     small = F.interpolate(flat, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     canvas = torch.full_like(flat, GREY)

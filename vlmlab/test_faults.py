@@ -252,3 +252,12 @@ def test_out_of_memory_in_evaluation_with_one_example_stops_after_the_model_is_s
     assert "vlmlab eval --model" in error and not (tmp_path / "metrics.json").exists()
     monkeypatch.undo()
     assert VLM.load(tmp_path, device="cpu").ask(make_split("test", 1)[0].image, "what color is the circle?") is not None
+
+
+def test_a_skipped_first_step_gives_no_scheduler_warning(tmp_path, monkeypatch, recwarn):
+    # The schedule steps with every step, applied or skipped; torch's "lr_scheduler.step() before
+    # optimizer.step()" warning said otherwise when the very first one was skipped.
+    _inject(monkeypatch, lambda call, size, loss: loss * math.nan if call == 1 else loss)
+    assert main(["train", "--out", str(tmp_path), *TINY]) == 0
+    assert _metrics(tmp_path)["skipped_steps"] == 1
+    assert [str(w.message) for w in recwarn if "lr_scheduler.step()" in str(w.message)] == []

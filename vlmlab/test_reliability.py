@@ -85,6 +85,28 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(run, tmp_
     _assert_same_outcome(run, tmp_path)
 
 
+def test_a_run_with_data_workers_and_augmentation_resumes_exactly(tmp_path, monkeypatch):
+    # Worker processes draw the augmentation; each draw is seeded by the run's seed, the micro-batch's number and
+    # the example, so a resumed run draws what the uninterrupted one drew, whichever worker makes the item.
+    config = [*QUICK, "train.max_steps=6", "train.save_every=3", "train.num_workers=2", "data.random_resize=0.6"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", "--out", str(whole), *config]) == 0
+    real_forward, calls = VLM.forward, []
+
+    def forward(self, *args, **kwargs):  # interrupted in step 5, after the checkpoint of step 3
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLM, "forward", forward)
+    assert main(["train", "--out", str(cut), *config]) == 130
+    monkeypatch.undo()
+    assert torch.load(cut / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert main(["train", "--out", str(cut), "--resume"]) == 0
+    _assert_same_outcome(whole, cut)
+
+
 def test_resume_after_a_kill_between_the_renames_of_a_checkpoint_swap(run, tmp_path):
     # The state a kill leaves halfway through replacing checkpoint/: the old one aside, a new one not yet in place.
     out = tmp_path / "run"

@@ -13,6 +13,7 @@ import json
 import pickle
 import random
 import time
+import warnings
 from itertools import islice
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 from vlmlab.config import Config, ConfigError, DataConfig, load_config, save_config, validate
 from vlmlab.costs import run_costs
 from vlmlab.data import load_examples
-from vlmlab.data.batching import StepBatches, image_groups
+from vlmlab.data.batching import StepBatches, image_groups, with_draw_seeds
 from vlmlab.diagnose import ConditioningAlarm
 from vlmlab.distributed import start_processes
 from vlmlab.evaluate import evaluate, summary_lines
@@ -201,7 +202,8 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     sampler = StepBatches(image_groups(train_examples), micro_batch, tc.seed, start_step=start_step * tc.grad_accum)
     planned = islice(sampler, (tc.max_steps - start_step) * tc.grad_accum)
     dataset, collate_fn = training_data(model, train_examples, cfg, out_dir, planned, amp_dtype, processes)
-    loader = iter(DataLoader(dataset, batch_sampler=processes.shard(sampler), collate_fn=collate_fn,
+    drawn = with_draw_seeds(processes.shard(sampler), tc.seed, start_step * tc.grad_accum)  # same in any worker
+    loader = iter(DataLoader(dataset, batch_sampler=drawn, collate_fn=collate_fn,
                              num_workers=tc.num_workers, pin_memory=device.type == "cuda"))
     if state is not None:  # after the loader: starting it draws a seed from torch's RNG, as it did in the first run
         set_rng_state(state["rng"])
@@ -256,10 +258,14 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         processes.average_gradients(model.parameters())  # once all processes' passes fit (distributed.py)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        if guard.step_is_finite(step + 1, step_loss, grad_norm):
+        applied = guard.step_is_finite(step + 1, step_loss, grad_norm)
+        if applied:
             scaler.step(optimizer)
         scaler.update()  # a skipped step with an active fp16 scaler lowers its scale (unscale_ saw the inf)
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped step counts in the schedule too: no warning that it came first
+            if not applied:
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            scheduler.step()
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         done = step + 1
         elapsed = time.perf_counter() - started

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -46,13 +46,16 @@ class ExampleDataset(Dataset):
                 warn(f"image skipped: {err}")
         return self._pixels.get(key)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        """Example `index`; for `(index, seed)` (training: `with_draw_seeds`), its augmentation drawn from `seed`."""
+        index, seed = index if isinstance(index, tuple) else (index, None)
         example = self.examples[index]
         pixels = self.pixels(example)
         if pixels is None:
             return None
         prompt = format_prompt(self.data, example.question)
-        return random_resize(pixels, self.min_scale), prompt, example.target, example
+        generator = torch.Generator().manual_seed(seed) if seed is not None and self.min_scale < 1.0 else None
+        return random_resize(pixels, self.min_scale, generator), prompt, example.target, example
 
 
 def collate(items: list) -> dict | None:
@@ -79,6 +82,15 @@ def collate(items: list) -> dict | None:
         "targets": [item[2] for item in items],
         "examples": [item[3] for item in items],
     }
+
+
+def with_draw_seeds(batches: Iterable[list[int]], seed: int, first: int) -> Iterator[list[tuple[int, int]]]:
+    """Each index of each batch paired with the seed of its augmentation draws, a function of the run's seed, the
+    batch's number (`first` for the first batch given: micro-batches already trained) and the index alone. So the
+    draws do not depend on which process or DataLoader worker makes the item, or on what it made before: a run
+    resumed with `train.num_workers > 0` draws exactly what the uninterrupted run drew."""
+    for number, batch in enumerate(batches, start=first):
+        yield [(index, ((seed * 1_000_003 + number) * 1_000_003 + index) % 2**63) for index in batch]
 
 
 def image_groups(examples: list[Example]) -> list[list[int]]:
