@@ -106,7 +106,7 @@ class Parts:
 def _architecture(section, key: str):
     if section.model in KNOWN_ARCHITECTURES:
         return KNOWN_ARCHITECTURES[section.model]()
-    return pretrained_config(key, section.model, section.trust_remote_code)
+    return pretrained_config(key, section.model, section.trust_remote_code, section.revision)
 
 
 def _layout(steps: int, batch_size: int, per_image: float, seed: int, image_size: int) -> tuple[list, list]:
