@@ -54,9 +54,10 @@ from vlmlab.language import IGNORE_INDEX, TINY_FAMILIES as TINY_LMS, LanguageMod
 from vlmlab.loading import pretrained_config
 from vlmlab.model import assemble_vlm, resolve_device
 from vlmlab.parking import park_if_cached
+from vlmlab.prompts import training_texts
 from vlmlab.registry import lookup
 from vlmlab.tokenizer import train_tokenizer
-from vlmlab.train import make_optimizer, resolve_precision, training_texts
+from vlmlab.train import make_optimizer, resolve_precision
 from vlmlab.tuning import ADAPTED, lora_config
 from vlmlab.vision import TINY_FAMILIES as TINY_TOWERS, VisionTower, layers_computed
 

@@ -69,6 +69,10 @@ class LanguageConfig:
     max_target_tokens: int = 40
     fusion: str = "prefix"  # decoder-only LMs: prefix (visual tokens lead the text) | cross_attention (gated)
     cross_attention_every: int = 1  # fusion=cross_attention: a gated block before decoder layers 0, k, 2k, ...
+    # Tiny LM only: first learn the caption language from text alone for this many steps (pretrain.py), as a
+    # pretrained GPT-2 knows English; 0: off. It reads captions of `pretrain_images` scenes of another world seed.
+    pretrain_steps: int = 0
+    pretrain_images: int = 1500
     eos_loss_weight: float = 1.0  # weight of EOS targets in the loss; below 1 counters a bias to stop at once
     # REPRODUCTION ONLY: pad a batch's targets on the left with EOS (padding_side="left", pad == EOS, as GPT-2 is
     # often set up) and train those positions too: shorter captions then start with EOS, and the model learns to
@@ -206,7 +210,7 @@ MINIMUM = {
     "train.warmup_steps": 0, "train.num_workers": 0, "train.log_every": 1, "train.eval_every": 0,
     "train.eval_examples": 1, "train.save_every": 0, "train.max_bad_steps": 1,
     "language.cross_attention_every": 1, "language.eos_loss_weight": 0.0, "train.alarm_every": 0,
-    "train.alarm_warmup": 0, "train.alarm_examples": 2,
+    "train.alarm_warmup": 0, "train.alarm_examples": 2, "language.pretrain_steps": 0, "language.pretrain_images": 1,
     "eval.max_examples": 0, "eval.batch_size": 1, "eval.max_new_tokens": 1, "eval.caption_max_new_tokens": 1,
     "eval.min_new_tokens": 0, "eval.num_beams": 1,
 }
@@ -245,6 +249,9 @@ def validate(cfg: Config) -> Config:
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise _refuse("train.batch_size", cfg.train.batch_size,
                       f"it must be a multiple of train.grad_accum={cfg.train.grad_accum}")
+    if cfg.language.pretrain_steps and cfg.language.model:
+        raise _refuse("language.pretrain_steps", cfg.language.pretrain_steps,
+                      f"it pretrains a tiny LM built from scratch, and language.model={cfg.language.model!r} is set")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise _refuse("eval.min_new_tokens", cfg.eval.min_new_tokens,
                       f"it must not exceed eval.max_new_tokens={cfg.eval.max_new_tokens}")

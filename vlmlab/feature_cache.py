@@ -51,6 +51,11 @@ FORMAT = 1  # raised whenever the layout or what the key covers changes, which r
 KEY_LENGTH = 24  # hex digits of the key in the folder's name
 
 
+def cache_root(cfg: Config, out_dir: Path) -> Path:
+    """`train.feature_cache_dir`, or OUT/feature_cache: where derived artefacts that many runs can share live."""
+    return Path(cfg.train.feature_cache_dir).expanduser() if cfg.train.feature_cache_dir else out_dir / "feature_cache"
+
+
 def cache_wanted(cfg: Config) -> bool:
     """Whether this run trains from cached features (`train.feature_cache`: auto | on | off)."""
     mode = cfg.train.feature_cache
@@ -246,7 +251,7 @@ def training_data(model, examples: list[Example], cfg: Config, out_dir: Path, ba
         return ExampleDataset(examples, cfg.data, model.vision.image_size, augment=True), collate
     prep = ImagePrep.from_config(cfg.data, model.vision.image_size)
     key, recipe = tower_key(model.vision, prep, precision)
-    root = Path(cfg.train.feature_cache_dir).expanduser() if cfg.train.feature_cache_dir else out_dir / "feature_cache"
+    root = cache_root(cfg, out_dir)
     folder = root / key[:KEY_LENGTH]
     folder.mkdir(parents=True, exist_ok=True)
     if processes.is_main and not (folder / "recipe.json").is_file():

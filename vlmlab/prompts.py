@@ -59,3 +59,10 @@ def describe_prompts(data: DataConfig) -> dict:
         "vqa": {"name": _name_of(data.prompt, template, VQA_PROMPTS), "template": template},
         "caption": {"name": _name_of(data.caption_prompt, caption, CAPTION_PROMPTS), "text": caption},
     }
+
+
+def training_texts(examples, data: DataConfig) -> list[str]:
+    """What a tokenizer trained from scratch must cover: every prompt as the LM reads it, every reference."""
+    texts = [format_prompt(data, e.question) for e in examples]
+    texts += [answer for e in examples for answer in e.answers]
+    return texts

@@ -12,7 +12,8 @@ from vlmlab.data.synthetic import make_split
 from vlmlab.model import build_vlm, start_from
 from vlmlab.presets import get_preset
 from vlmlab.test_model import SMALL
-from vlmlab.train import train, training_texts
+from vlmlab.prompts import training_texts
+from vlmlab.train import train
 
 
 def test_image_splitting_feeds_five_views_per_image():

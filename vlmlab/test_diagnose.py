@@ -16,7 +16,7 @@ from vlmlab.model import build_vlm
 from vlmlab.presets import get_preset
 from vlmlab.prompts import format_prompt
 from vlmlab.test_model import SMALL
-from vlmlab.train import training_texts
+from vlmlab.prompts import training_texts
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30)}
 QUESTION = "what color is the picture?"

@@ -34,7 +34,7 @@ from vlmlab.language import keep_fp32_modules
 from vlmlab.model import build_vlm
 from vlmlab.prompts import format_prompt
 from vlmlab.tokenizer import train_tokenizer
-from vlmlab.train import training_texts
+from vlmlab.prompts import training_texts
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
              patch_size=8)

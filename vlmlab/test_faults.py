@@ -15,7 +15,7 @@ from vlmlab.faults import (FaultGuard, TrainingFault, partial_of, recover_direct
                            split_batch, truncate_log)
 from vlmlab.model import VLM, build_vlm
 from vlmlab.test_model import SMALL, small
-from vlmlab.train import training_texts
+from vlmlab.prompts import training_texts
 
 # A tower without BatchNorm: a micro-batch cut in pieces then gives exactly the uncut gradient (the default's
 # ResNet normalises by the statistics of whatever piece it sees).

@@ -16,7 +16,7 @@ from vlmlab.feature_cache import (FeatureDataset, FeatureStore, cache_wanted, co
 from vlmlab.images import ImagePrep
 from vlmlab.model import build_vlm
 from vlmlab.test_model import small
-from vlmlab.train import training_texts
+from vlmlab.prompts import training_texts
 
 
 @pytest.fixture(scope="module")

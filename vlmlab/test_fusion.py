@@ -121,7 +121,7 @@ def examples():
 def pretrained_gpt2(examples, tmp_path):
     """A tiny GPT-2 saved with save_pretrained, loaded by path as a hub name would be."""
     from vlmlab.config import DataConfig
-    from vlmlab.train import training_texts
+    from vlmlab.prompts import training_texts
 
     tokenizer = train_tokenizer(training_texts(examples, DataConfig()), vocab_size=400)
     build_language(LanguageConfig(family="gpt2", hidden_size=32, num_layers=1, num_heads=2), tokenizer).save(
@@ -136,7 +136,7 @@ def tiny_vlm(examples):
     from vlmlab.presets import get_preset
     from vlmlab.prompts import format_prompt
     from vlmlab.test_model import SMALL
-    from vlmlab.train import training_texts
+    from vlmlab.prompts import training_texts
 
     def build(*overrides):
         torch.manual_seed(0)

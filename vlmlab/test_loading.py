@@ -13,7 +13,7 @@ from vlmlab.data.synthetic import make_split
 from vlmlab.loading import CheckpointError
 from vlmlab.model import build_vlm
 from vlmlab.test_model import small
-from vlmlab.train import training_texts
+from vlmlab.prompts import training_texts
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from vlmlab.config import Config, ConfigError, DataConfig, apply_overrides
 from vlmlab.data.synthetic import make_split
 from vlmlab.model import build_vlm, describe_parts
 from vlmlab.presets import TINY_PRESETS, get_preset
-from vlmlab.train import training_texts
+from vlmlab.prompts import training_texts
 
 SMALL = ["vision.hidden_size=32", "vision.num_layers=1", "vision.num_heads=2", "connector.hidden_size=32",
          "connector.num_queries=4", "connector.num_layers=1", "connector.num_heads=2", "language.hidden_size=32",

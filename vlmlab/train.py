@@ -23,20 +23,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vlmlab.config import Config, ConfigError, DataConfig, load_config, save_config, validate
+from vlmlab.config import Config, ConfigError, load_config, save_config, validate
 from vlmlab.costs import run_costs
 from vlmlab.data import load_examples
 from vlmlab.data.batching import StepBatches, image_groups, with_draw_seeds
 from vlmlab.diagnose import ConditioningAlarm
 from vlmlab.distributed import start_processes
 from vlmlab.evaluate import evaluate, summary_lines
-from vlmlab.feature_cache import training_data
+from vlmlab.feature_cache import cache_root, training_data
 from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace_directory, truncate_log,
                            write_text_atomically)
 from vlmlab.log import info
 from vlmlab.model import VLM, build_vlm, describe_parts, start_from
 from vlmlab.parking import park_if_cached
-from vlmlab.prompts import format_prompt
+from vlmlab.pretrain import pretrained_language
+from vlmlab.prompts import training_texts
 from vlmlab.registry import lookup
 from vlmlab.tuning import enable_gradient_checkpointing
 from vlmlab.weights import record as record_weights
@@ -72,13 +73,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def training_texts(examples, data: DataConfig) -> list[str]:
-    """What a tokenizer trained from scratch must cover: every prompt as the LM reads it, every reference."""
-    texts = [format_prompt(data, e.question) for e in examples]
-    texts += [answer for e in examples for answer in e.answers]
-    return texts
 
 
 def _adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -167,6 +161,10 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
             model = start_from(cfg.train.init_from, cfg)
             cfg = model.config
         else:
+            if cfg.language.pretrain_steps:  # a tiny LM that knows the caption language, loaded by path: the
+                cfg = copy.deepcopy(cfg)  # saved config names its folder, whose recipe.json says how it was made
+                cfg.language.model = str(pretrained_language(cfg, cache_root(cfg, out_dir)).resolve())
+                cfg.language.pretrain_steps = 0
             model = build_vlm(cfg, training_texts(train_examples, cfg.data))
         model, state = model.to(device), None
         if processes.is_main:

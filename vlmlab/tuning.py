@@ -56,7 +56,8 @@ def check_modes(config: Config) -> None:
         section = getattr(config, part)
         if section.train not in TUNING_MODES:
             raise ConfigError(f"{part}.train={section.train!r} is not allowed; valid: {', '.join(TUNING_MODES)}")
-        if section.train in ADAPTED and not section.model:
+        pretrained = section.model or getattr(section, "pretrain_steps", 0)  # a tiny LM pretrained first counts
+        if section.train in ADAPTED and not pretrained:
             raise ConfigError(f"{part}.train={section.train} adapts a pretrained model: set {part}.model= to a hub "
                               f"name or a local path (a {part} part built from scratch trains in full)")
         if section.train in ADAPTED and (section.lora_rank < 1 or section.lora_alpha < 1

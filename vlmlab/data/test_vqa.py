@@ -85,7 +85,7 @@ def test_eval_command_on_official_files_writes_the_result_file(vqa_root, tmp_pat
     from vlmlab.model import build_vlm
     from vlmlab.presets import get_preset
     from vlmlab.test_model import SMALL
-    from vlmlab.train import training_texts
+    from vlmlab.prompts import training_texts
 
     examples = read_vqav2(vqa_root, "val")
     model = build_vlm(apply_overrides(get_preset("default"), SMALL), training_texts(examples, DataConfig()))
