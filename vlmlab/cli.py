@@ -1,4 +1,4 @@
-"""The `vlmlab` command: train, eval, ask, caption, diagnose, presets, plan, export, bench.
+"""The `vlmlab` command: train, eval, ask, caption, diagnose, sweep, presets, plan, export, bench.
 
 Every error a user can cause (a bad config key, a missing file, a broken image) ends as one line on stderr and a
 non-zero exit; `caption` goes on past a bad image and exits 1 when any image failed.
@@ -35,6 +35,25 @@ EPILOG_EVAL = """datasets (--data SPEC, eval.split=train|val|test picks the spli
 examples:
   vlmlab eval --model runs/vqa --data vqav2:/data/vqa data.eval_size=5000 --results vqa_results.json
   vlmlab eval --model runs/cap --data flickr8k:/data/flickr8k --out metrics.json"""
+
+
+EPILOG_SWEEP = """a study file:
+  name: queries-and-prompts
+  base: {preset: default, overrides: [train.max_steps=600]}   # preset, config (a YAML file), overrides
+  seeds: [0, 1, 2]                 # train.seed of each run; the eval set is the same for every run
+  design: one-at-a-time            # `reference` + one variant per other level; or grid: every combination
+  diagnose: false                  # also run `vlmlab diagnose` on each run (diagnose.json, in the report)
+  axes:                            # the first level of each axis is its reference level
+    queries: {q16: [connector.num_queries=16], q64: [connector.num_queries=64]}
+    prompt: {plain: [data.prompt=none], instruct: [data.prompt=instruct]}
+  # a level may start from another variant's model of the same seed: [train.init_from=@VARIANT]
+
+examples:
+  vlmlab sweep --list                                    # the shipped studies
+  vlmlab sweep study.yaml --out runs/study --plan        # the runs, their order, time and disk
+  vlmlab sweep study.yaml --out runs/study --jobs 2      # run (again: finished runs are skipped)
+  vlmlab sweep study.yaml --out runs/study --report      # redraw report.md and the plots, nothing trained
+  vlmlab sweep study.yaml --out runs/study --launcher slurm --partition gpu --time 120 --gpus 1 --jobs 16"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,10 +99,34 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--model", required=True, type=Path, help="run or model directory")
     diagnose.add_argument("--data", metavar="SPEC", help="dataset spec (default: the model's eval data)")
     diagnose.add_argument("--json", action="store_true", help="print the report as JSON")
+    diagnose.add_argument("--out", type=Path, metavar="FILE", help="also write the report as JSON here")
     diagnose.add_argument("--max-examples", type=int, default=256, metavar="N",
                           help="examples of the split to use (default 256; 0: all)")
     diagnose.add_argument("overrides", nargs="*", metavar="section.field=value",
                           help="e.g. eval.split=val eval.caption_metrics=false")
+
+    sweep = commands.add_parser(
+        "sweep", help="a study: variants x seeds as ordinary training runs, then intervals, controls and plots",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Runs every (variant, seed) of a study file as a `vlmlab train` run in DIR/runs/VARIANT/seedK/ "
+                    "(finished runs are skipped, interrupted ones resumed, a changed config refused), then writes "
+                    "DIR/summary.json, results.csv, report.md and plots/: each metric's mean over seeds with a 95% "
+                    "interval beside its shuffled-image control, and each variant's paired difference from the "
+                    "reference. The study file's format: `vlmlab sweep --help` below and the README.",
+        epilog=EPILOG_SWEEP)
+    sweep.add_argument("study", nargs="?", metavar="STUDY", help="a study file (YAML), or the name of a shipped one")
+    sweep.add_argument("--out", type=Path, help="sweep directory (runs, ledger, report)")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="runs at once: the CPU cores split between them, or one GPU each (default 1)")
+    sweep.add_argument("--plan", action="store_true", help="print the runs, their order, time and disk; run nothing")
+    sweep.add_argument("--report", action="store_true", help="only redraw the report from the finished runs")
+    sweep.add_argument("--list", action="store_true", help="list the shipped studies")
+    sweep.add_argument("--launcher", default="local", choices=["local", "submitit-local", "slurm"],
+                       help="local processes (default), SLURM through submitit, or submitit's local executor")
+    sweep.add_argument("--partition", help="--launcher slurm: the partition")
+    sweep.add_argument("--time", type=int, default=60, metavar="MINUTES", help="submitit: time limit per run")
+    sweep.add_argument("--gpus", type=int, default=1, help="--launcher slurm: GPUs per run (default 1)")
+    sweep.add_argument("--cpus", type=int, default=4, help="submitit: CPU cores per run (default 4)")
 
     commands.add_parser("presets", help="list the presets")
 
@@ -221,6 +264,8 @@ def _diagnose(args) -> int:
     report = diagnose(model, load_examples(spec, cfg.eval.split, cfg.data), cfg,
                       read_train_log(run_dir / "train_log.jsonl"))
     report["data"] = spec
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2) if args.json else "\n".join(report_lines(report)))
     return 0
 
@@ -262,6 +307,35 @@ def _bench(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from vlmlab.report import summary_table, write_report
+    from vlmlab.study import find_study, load_study, shipped_studies
+    from vlmlab.sweep import estimate, plan_lines, plan_runs, run_study
+
+    if args.list:
+        studies = shipped_studies()
+        width = max(map(len, studies), default=0)
+        print("\n".join(f"{name:<{width}}  {text}" for name, text in studies.items()))
+        return 0
+    if not args.study or not args.out:
+        raise ValueError("vlmlab sweep needs a STUDY file (or a shipped study's name) and --out DIR; --list "
+                         "names the shipped studies")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be 1 or more, got {args.jobs}")
+    study = load_study(find_study(args.study))
+    runs = plan_runs(study, args.out)
+    if args.plan:
+        print("\n".join(plan_lines(study, estimate(study, runs), args.jobs)))
+        return 0
+    if not args.report:
+        options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "cpus": args.cpus}
+        run_study(study, args.out, args.jobs, args.launcher, options, runs)
+    summary = write_report(args.out)
+    print("\n".join(summary_table(summary)))
+    print(f"report: {args.out / 'report.md'}")
+    return 1 if any(variant["failed"] for variant in summary["variants"].values()) else 0
+
+
 def _presets(args) -> int:
     from vlmlab.presets import describe_presets
 
@@ -270,7 +344,7 @@ def _presets(args) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "ask": _ask, "caption": _caption, "diagnose": _diagnose,
-            "presets": _presets, "plan": _plan, "export": _export, "bench": _bench}
+            "presets": _presets, "plan": _plan, "export": _export, "bench": _bench, "sweep": _sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
