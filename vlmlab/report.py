@@ -213,7 +213,8 @@ def validation_curve(directory: Path) -> list[tuple[int, float]]:
 
 def alarm_marks(log: list[dict]) -> str:
     """The training-time alarm's verdict at each of its checks, one letter each (train_log.jsonl's records)."""
-    verdicts = [record["conditioning"].get("verdict", "") for record in log if isinstance(record.get("conditioning"), dict)]
+    verdicts = [record["conditioning"].get("verdict", "") for record in log
+                if isinstance(record.get("conditioning"), dict)]
     return "".join("-" if verdict == "uses_image" else verdict[:1] for verdict in verdicts)
 
 

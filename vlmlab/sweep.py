@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmlab.faults import write_text_atomically
-from vlmlab.log import info
+from vlmlab.log import info, warn
 from vlmlab.registry import lookup
 from vlmlab.study import Study, StudyError, config_digest, with_sweep_settings
 
@@ -43,7 +43,7 @@ class Run:
     command: list[str]  # the `vlmlab train` command line, as run and as the report prints it
     digest: str
     starts_from: str | None  # the key of the run this one waits for
-    state: str = "new"  # new | resume | done | failed
+    state: str = "new"  # new | resume | done, read from its folder
 
     @property
     def key(self) -> str:
@@ -99,10 +99,12 @@ def execute(commands: list[list[str]], log_path: str, env: dict) -> str | None:
         for command in commands:
             log.write(f"$ {display(command)}\n")
             log.flush()
+            start = log.tell()
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             if done.returncode:
-                log.flush()
-                lines = [line for line in Path(log_path).read_text().splitlines() if line.strip()]
+                with open(log_path) as written:  # this command's output only, not an earlier try's
+                    written.seek(start)
+                    lines = [line for line in written.read().splitlines() if line.strip()]
                 errors = [line for line in lines if line.startswith("error:")]
                 return (errors or lines or [f"exit {done.returncode}"])[-1][:500]
     return None
@@ -145,7 +147,11 @@ def _gpu_count() -> int:
 def _local(jobs: int, options: dict):
     """Processes on this machine: the CPU cores split between the runs at once (N x threads <= cores), or one GPU
     each where there are as many."""
-    threads, gpus = max(1, (os.cpu_count() or 1) // jobs), _gpu_count()
+    cores, gpus = os.cpu_count() or 1, _gpu_count()
+    threads = max(1, cores // jobs)
+    if jobs > max(cores, gpus):
+        warn(f"--jobs {jobs} runs more trainings at once than this machine has cores ({cores}) or GPUs ({gpus}): "
+             "they will slow each other down")
 
     def submit(commands, log_path, slot):
         env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
