@@ -38,14 +38,14 @@ examples:
 
 
 EPILOG_SWEEP = """a study file:
-  name: queries-and-prompts
+  name: connector-and-prompt
   base: {preset: default, overrides: [train.max_steps=600]}   # preset, config (a YAML file), overrides
   seeds: [0, 1, 2]                 # train.seed of each run; the eval set is the same for every run
   design: one-at-a-time            # `reference` + one variant per other level; or grid: every combination
   diagnose: false                  # also run `vlmlab diagnose` on each run (diagnose.json, in the report)
   axes:                            # the first level of each axis is its reference level
-    queries: {q16: [connector.num_queries=16], q64: [connector.num_queries=64]}
-    prompt: {plain: [data.prompt=none], instruct: [data.prompt=instruct]}
+    connector: {mlp: [], qformer: [connector.kind=qformer, connector.num_queries=16]}
+    prompt: {qa: [], none: [data.prompt=none]}
   # a level may start from another variant's model of the same seed: [train.init_from=@VARIANT]
 
 examples:
@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(finished runs are skipped, interrupted ones resumed, a changed config refused), then writes "
                     "DIR/summary.json, results.csv, report.md and plots/: each metric's mean over seeds with a 95% "
                     "interval beside its shuffled-image control, and each variant's paired difference from the "
-                    "reference. The study file's format: `vlmlab sweep --help` below and the README.",
+                    "reference. The study file's format is below; the README says more.",
         epilog=EPILOG_SWEEP)
     sweep.add_argument("study", nargs="?", metavar="STUDY", help="a study file (YAML), or the name of a shipped one")
     sweep.add_argument("--out", type=Path, help="sweep directory (runs, ledger, report)")

@@ -558,7 +558,7 @@ def bar_chart(path: Path, summary: dict, metric: str, control: str | None) -> bo
                  capsize=4, label=label)
     axes.set_xticks(positions, list(variants), rotation=30 if len(variants) > 4 else 0)
     axes.set_ylabel(metric)
-    axes.set_title(f"{summary['name']}: {metric}, mean over seeds with 95% CI")
+    axes.set_title(f"{summary['name']}: {metric}\nmean over seeds, 95% interval", fontsize=10)
     axes.legend()
     figure.savefig(path, dpi=120)
     return True
