@@ -175,7 +175,12 @@ def _submitit(cluster: str):
 
         def submit(commands, log_path, slot):
             env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(options["cpus"])}
-            return executor.submit(execute, commands, log_path, env).result()
+            job = executor.submit(execute, commands, log_path, env)
+            try:
+                return job.result()
+            except Exception as err:  # the job itself died (time limit, node failure): this run fails, not the sweep
+                reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+                return f"error: {cluster} job {job.job_id} failed: {reason.strip()[:300]}"
 
         return submit
 
