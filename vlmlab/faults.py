@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,8 +85,10 @@ def recover_directory(final: Path) -> None:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a flushed temporary file and a rename: readers see old or new, never half."""
-    temporary = path.with_name(path.name + ".partial")
+    """Writes `text` to `path` through a flushed temporary file and a rename: readers see old or new, never half.
+    The temporary name is this writer's own, so two processes writing the same file (runs sharing a feature cache)
+    each rename a whole file of their own."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     with temporary.open("w") as handle:
         handle.write(text)
         handle.flush()

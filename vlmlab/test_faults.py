@@ -261,3 +261,22 @@ def test_a_skipped_first_step_gives_no_scheduler_warning(tmp_path, monkeypatch, 
     assert main(["train", "--out", str(tmp_path), *TINY]) == 0
     assert _metrics(tmp_path)["skipped_steps"] == 1
     assert [str(w.message) for w in recwarn if "lr_scheduler.step()" in str(w.message)] == []
+
+
+def test_two_writers_of_one_file_each_rename_a_whole_file_of_their_own(tmp_path):
+    # Runs sharing a feature cache write the same recipe.json at once; one temporary name for both made the
+    # second rename find nothing.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlmlab.faults import write_text_atomically
+
+    target = tmp_path / "recipe.json"
+
+    def write_many(text: str) -> None:
+        for _ in range(300):
+            write_text_atomically(target, text)
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(write_many, "a" * 1000), pool.submit(write_many, "b" * 1000)]:
+            done.result()
+    assert target.read_text() in ("a" * 1000, "b" * 1000) and [p.name for p in tmp_path.iterdir()] == ["recipe.json"]
