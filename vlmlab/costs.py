@@ -1,11 +1,15 @@
-"""What a run costs, written into `metrics.json` beside its scores so that a study compares like with like:
-parameters (total and trained), visual tokens per image, examples and answer tokens trained on, peak memory.
+"""What a run costs and what it ran on, written into `metrics.json` beside its scores so that a study compares
+like with like: parameters (total and trained), visual tokens per image, examples and answer tokens trained on,
+peak memory; and the versions of Python and of the libraries that compute the numbers (the same code can give
+other figures under another torch or transformers).
 """
 
 from __future__ import annotations
 
+import platform
 import resource
 import sys
+from importlib import metadata
 
 import torch
 from PIL import Image
@@ -42,3 +46,14 @@ def run_costs(model, examples_seen: int, answer_tokens_seen: int, device: torch.
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory": peak_memory_source(device),
     }
+
+
+def environment() -> dict:
+    """Python, the platform and the versions of vlmlab and of the libraries behind its numbers."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("vlmlab", "torch", "transformers", "peft", "tokenizers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -4,6 +4,7 @@ when cut, a failure recorded while the others go on, dependency order, the share
 import json
 
 import pytest
+import torch
 
 from vlmlab.cli import main
 from vlmlab.study import load_study
@@ -47,6 +48,7 @@ def test_each_run_is_an_ordinary_run_folder_and_the_report_is_written(swept):
             metrics = json.loads((run / "metrics.json").read_text())
             assert (run / "model" / "config.yaml").is_file() and (run / "predictions.jsonl").is_file()
             assert metrics["visual_tokens_per_image"] == (4 if variant == "reference" else 2)
+            assert metrics["environment"]["torch"] == torch.__version__  # what the figures were computed with
             assert json.loads((run / RUN_RECORD).read_text())["status"] == "done"
             assert main(["eval", "--model", str(run), "eval.max_examples=2", "eval.shuffled_control=false"]) == 0
     summary = json.loads((out / "summary.json").read_text())

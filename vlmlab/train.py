@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from vlmlab.config import Config, ConfigError, load_config, save_config, validate
-from vlmlab.costs import run_costs
+from vlmlab.costs import environment, run_costs
 from vlmlab.data import load_examples
 from vlmlab.data.batching import StepBatches, image_groups, with_draw_seeds
 from vlmlab.diagnose import ConditioningAlarm
@@ -300,6 +300,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     metrics["train_samples_per_second"] = samples / train_seconds if train_seconds > 0 else None
     metrics["train_steps"] = tc.max_steps
     metrics.update(run_costs(model, **seen(), device=device))
+    metrics["environment"] = environment()
     metrics["failed_train_images"] = len(dataset.failed)
     metrics.update(guard.counts())
     write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
