@@ -1,4 +1,4 @@
-"""The `vlmlab` command: train, eval, ask, caption, diagnose, sweep, presets, plan, export, bench.
+"""The `vlmlab` command: train, eval, ask, caption, diagnose, sweep, report, presets, plan, export, bench.
 
 Every error a user can cause (a bad config key, a missing file, a broken image) ends as one line on stderr and a
 non-zero exit; `caption` goes on past a bad image and exits 1 when any image failed.
@@ -127,6 +127,17 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--time", type=int, default=60, metavar="MINUTES", help="submitit: time limit per run")
     sweep.add_argument("--gpus", type=int, default=1, help="--launcher slurm: GPUs per run (default 1)")
     sweep.add_argument("--cpus", type=int, default=4, help="submitit: CPU cores per run (default 4)")
+
+    report = commands.add_parser(
+        "report", help="draw a run's report: plots and an HTML page in RUN/report/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reads a run directory (config.yaml, train_log.jsonl, metrics.json, predictions.jsonl) and\n"
+                    "writes RUN/report/*.png and RUN/report/index.html: training loss and learning rate,\n"
+                    "validation accuracy beside its shuffled-image control, the image-reliance alarm's signals,\n"
+                    "accuracy per question type, and sample test images with the answers. Nothing is trained or\n"
+                    "run; what the run lacks is left out. `vlmlab train` draws it at the end of every run.",
+        epilog="examples:\n  vlmlab report runs/default          # then open runs/default/report/index.html")
+    report.add_argument("run", type=Path, metavar="RUN", help="run directory (the --out of `vlmlab train`)")
 
     commands.add_parser("presets", help="list the presets")
 
@@ -336,6 +347,13 @@ def _sweep(args) -> int:
     return 1 if any(variant["failed"] for variant in summary["variants"].values()) else 0
 
 
+def _report(args) -> int:
+    from vlmlab.run_report import write_run_report
+
+    print(f"report: {write_run_report(args.run)}")
+    return 0
+
+
 def _presets(args) -> int:
     from vlmlab.presets import describe_presets
 
@@ -344,7 +362,8 @@ def _presets(args) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "ask": _ask, "caption": _caption, "diagnose": _diagnose,
-            "presets": _presets, "plan": _plan, "export": _export, "bench": _bench, "sweep": _sweep}
+            "presets": _presets, "plan": _plan, "export": _export, "bench": _bench, "sweep": _sweep,
+            "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

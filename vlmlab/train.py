@@ -33,7 +33,7 @@ from vlmlab.evaluate import evaluate, summary_lines
 from vlmlab.feature_cache import cache_root, training_data
 from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace_directory, truncate_log,
                            write_text_atomically)
-from vlmlab.log import info
+from vlmlab.log import info, warn
 from vlmlab.model import VLM, build_vlm, describe_parts, start_from
 from vlmlab.parking import park_if_cached
 from vlmlab.pretrain import pretrained_language
@@ -309,4 +309,10 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     for line in [*summary_lines(metrics), *guard.report()]:
         print(line)
     print(f"model, metrics and log written to {out_dir}")
+    try:  # a report only shows the run: failing to draw it (or to import matplotlib) must not lose the run
+        from vlmlab.run_report import write_run_report
+
+        print(f"report: {write_run_report(out_dir, test_examples)}")
+    except Exception as err:  # noqa: BLE001
+        warn(f"run report not written: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1]}")
     return metrics
