@@ -132,6 +132,7 @@ class TrainConfig:
     alarm_warmup: int = 200  # no image-reliance check before this step
     alarm_examples: int = 32  # held-out examples the check uses
     max_bad_steps: int = 20  # stop the run after this many steps in a row with a non-finite loss or gradient
+    report_to: str = "none"  # experiment trackers, comma-separated: none | tensorboard | mlflow (tracking.py)
 
 
 @dataclass
@@ -255,6 +256,10 @@ def validate(cfg: Config) -> Config:
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise _refuse("eval.min_new_tokens", cfg.eval.min_new_tokens,
                       f"it must not exceed eval.max_new_tokens={cfg.eval.max_new_tokens}")
+    # train.report_to's names, checked against tracking.py's registry (which imports this module)
+    from vlmlab.tracking import names
+
+    names(cfg.train.report_to)
     return cfg
 
 

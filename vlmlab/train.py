@@ -39,6 +39,7 @@ from vlmlab.parking import park_if_cached
 from vlmlab.pretrain import pretrained_language
 from vlmlab.prompts import training_texts
 from vlmlab.registry import lookup
+from vlmlab.tracking import Trackers, require
 from vlmlab.tuning import enable_gradient_checkpointing
 from vlmlab.weights import record as record_weights
 
@@ -141,12 +142,23 @@ def append_log(path: Path, record: dict) -> None:
 
 def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict:
     """Trains `cfg` into `out_dir`; with `resume`, continues the run in `out_dir` as it was configured."""
+    trackers = Trackers()  # train.report_to's, opened once the config is saved; closed however the run ends
+    failed = True
+    try:
+        metrics, failed = _train(cfg, out_dir, resume, trackers), False
+        return metrics
+    finally:
+        trackers.close(failed)
+
+
+def _train(cfg: Config | None, out_dir: str | Path, resume: bool, trackers: Trackers) -> dict:
     out_dir = Path(out_dir)
     if resume:
         if not (out_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{out_dir}: nothing to resume (no config.yaml)")
         cfg = load_config(out_dir / "config.yaml")
     validate(cfg)
+    require(cfg.train.report_to)  # a tracker's missing package: one line, before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     processes = start_processes(cfg.train.device)  # this one, or one of several under `accelerate launch`
     device = processes.device
@@ -172,6 +184,8 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
             save_config(cfg, out_dir / "config.yaml")
             (out_dir / "train_log.jsonl").unlink(missing_ok=True)
     tc = cfg.train
+    if processes.is_main:
+        trackers.open(out_dir, cfg)
     for line in describe_parts(model):
         info(line)
     if tc.gradient_checkpointing:
@@ -215,6 +229,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     def log(record: dict) -> None:
         if processes.is_main:  # one log, however many processes
             append_log(log_path, record)
+            trackers.log(record)
 
     guard = FaultGuard(tc.max_bad_steps, micro_batch, tc.grad_accum, model.language.answer_tokens, log,
                        gather=processes.gather, is_main=processes.is_main)  # several processes cut alike
@@ -304,6 +319,7 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     metrics["failed_train_images"] = len(dataset.failed)
     metrics.update(guard.counts())
     write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    trackers.log({"step": tc.max_steps, "test": metrics})  # with their shuffled controls
     with (out_dir / "predictions.jsonl").open("w") as out:
         out.writelines(json.dumps(record) + "\n" for record in records)
     for line in [*summary_lines(metrics), *guard.report()]:
@@ -313,6 +329,10 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
         from vlmlab.run_report import write_run_report
 
         print(f"report: {write_run_report(out_dir, test_examples)}")
+        drawn = True
     except Exception as err:  # noqa: BLE001
+        drawn = False
         warn(f"run report not written: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1]}")
+    if drawn and (out_dir / "report" / "samples.png").is_file():  # not a grid an earlier run left
+        trackers.image("report/samples", out_dir / "report" / "samples.png", tc.max_steps)
     return metrics
