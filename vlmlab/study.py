@@ -18,8 +18,8 @@ lands on, and a mistake is one `StudyError` line that names the file and the pla
 
 from __future__ import annotations
 
-import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,9 +109,22 @@ class Study:
         return ["--preset", self.preset, *(["--config", str(self.config)] if self.config else [])]
 
 
-def config_digest(cfg: Config) -> str:
-    """What "the same resolved config" means for a finished run: a hash of every field."""
-    return hashlib.sha256(yaml.safe_dump(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+# Fields that change where a run's numbers are sent, not the numbers: a run differing only in them is the same run.
+NOT_RESULTS = ("train.report_to",)
+
+
+def config_fields(cfg: Config) -> dict:
+    """The resolved config as `section.field -> value`, what "the same config" is judged on (NOT_RESULTS left out)."""
+    return {f"{section}.{name}": value for section, values in cfg.to_dict().items() for name, value in values.items()
+            if f"{section}.{name}" not in NOT_RESULTS}
+
+
+def config_changes(recorded: dict, current: dict) -> list[str]:
+    """`field: recorded -> current` for each field a run was started with that the study now sets otherwise. A field
+    the record lacks (added to vlmlab since) counts only if it is not at its default, which is what ran before."""
+    defaults = config_fields(Config())
+    return [f"{key}: {recorded.get(key, defaults.get(key))!r} -> {value!r}" for key, value in current.items()
+            if (recorded[key] if key in recorded else defaults.get(key)) != value]
 
 
 def find_study(name_or_path: str) -> Path:
@@ -256,12 +269,12 @@ def _check_configs(study: Study) -> None:
     seen: dict[str, str] = {}
     for variant in variants.values():
         try:
-            digest = config_digest(study.run_config(variant, study.seeds[0])[0])
+            fields = json.dumps(config_fields(study.run_config(variant, study.seeds[0])[0]), sort_keys=True)
         except ConfigError as err:  # levels that pass alone but not together (a rule across two fields)
             raise StudyError(f"{study.path}: variant {variant.name}: {err}") from None
-        if digest in seen:  # nothing to compare: the levels between them change no field
-            raise StudyError(f"{study.path}: variants {seen[digest]} and {variant.name} resolve to the same config")
-        seen[digest] = variant.name
+        if fields in seen:  # nothing to compare: the levels between them change no field
+            raise StudyError(f"{study.path}: variants {seen[fields]} and {variant.name} resolve to the same config")
+        seen[fields] = variant.name
 
 
 def _in_dependency_order(variants: dict[str, Variant], path: Path) -> dict[str, Variant]:

@@ -1,9 +1,9 @@
 """`vlmlab sweep STUDY --out DIR`: every (variant, seed) of a study as an ordinary `vlmlab train` run in
 `DIR/runs/VARIANT/seedK/`, then the report (report.py).
 
-- A run's own `sweep_run.json` records the digest of the config it was started with, its status and its error
-  line. Run again, the sweep skips a finished run with the same digest, resumes an interrupted one from its
-  checkpoint, and refuses one whose config has changed since (naming it) rather than reuse it silently.
+- A run's own `sweep_run.json` records the resolved config it was started with, its status and its error line.
+  Run again, the sweep skips a finished run with the same config, resumes an interrupted one from its checkpoint,
+  and refuses one whose config has changed since (naming the run and the fields) rather than reuse it silently.
 - Runs go in dependency order (`train.init_from=@VARIANT` waits for that variant's run of the same seed); a run
   that fails is recorded with its one-line error and the others go on (those starting from it fail too, saying so).
 - Each run is a process of its own (`python -m vlmlab train ...`, the exact command the report prints), so its peak
@@ -29,7 +29,7 @@ from pathlib import Path
 from vlmlab.faults import write_text_atomically
 from vlmlab.log import info, warn
 from vlmlab.registry import lookup
-from vlmlab.study import Study, StudyError, config_digest, with_sweep_settings
+from vlmlab.study import Study, StudyError, config_changes, config_fields, with_sweep_settings
 
 RUN_RECORD = "sweep_run.json"
 LEDGER = "ledger.json"
@@ -41,7 +41,7 @@ class Run:
     seed: int
     directory: Path
     command: list[str]  # the `vlmlab train` command line, as run and as the report prints it
-    digest: str
+    fields: dict  # the resolved config, `section.field -> value` (study.config_fields)
     starts_from: str | None  # the key of the run this one waits for
     state: str = "new"  # new | resume | done, read from its folder
 
@@ -60,7 +60,7 @@ def plan_runs(study: Study, out: Path) -> list[Run]:
             command = [sys.executable, "-m", "vlmlab", "train", "--out", str(directory), *study.source_args(),
                        *with_sweep_settings(overrides, out, seed, out / "runs")]
             source = f"{variant.starts_from}/seed{seed}" if variant.starts_from else None
-            run = Run(variant.name, seed, directory, command, config_digest(cfg), source)
+            run = Run(variant.name, seed, directory, command, config_fields(cfg), source)
             run.state = _state(run)
             runs.append(run)
     return runs
@@ -75,10 +75,11 @@ def _state(run: Run) -> str:
             raise StudyError(f"{run.directory} holds a run the sweep did not start; move it away or use another --out")
         return "new"
     record = json.loads(record_path.read_text())
-    if record["digest"] != run.digest:
+    changes = config_changes(record["config"], run.fields)
+    if changes:
         raise StudyError(f"run {run.key} was {'trained' if record['status'] == 'done' else 'started'} with another "
-                         f"config than the study now gives it; remove {run.directory} to train it again, or "
-                         "restore the study")
+                         f"config than the study now gives it ({'; '.join(changes[:3])}); remove {run.directory} to "
+                         "train it again, or restore the study")
     if record["status"] == "done" and (run.directory / "metrics.json").is_file():
         return "done"
     return "resume" if (run.directory / "checkpoint" / "trainer_state.pt").is_file() else "new"
@@ -132,8 +133,8 @@ def _run_one(run: Run, study: Study, slot: int, submit) -> str | None:
 
 
 def _record(run: Run, status: str, error: str | None, seconds: float | None) -> None:
-    record = {"variant": run.variant, "seed": run.seed, "digest": run.digest, "status": status, "error": error,
-              "seconds": seconds, "command": display(run.command)}
+    record = {"variant": run.variant, "seed": run.seed, "status": status, "error": error, "seconds": seconds,
+              "command": display(run.command), "config": run.fields}
     write_text_atomically(run.directory / RUN_RECORD, json.dumps(record, indent=2) + "\n")
 
 

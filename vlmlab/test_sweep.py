@@ -77,6 +77,7 @@ def test_a_changed_config_for_a_finished_run_is_an_error_naming_it(swept, tmp_pa
     assert main(["sweep", changed, "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert "run q2/seed0 was trained with another config" in error and len(error.strip().splitlines()) == 1
+    assert "connector.num_queries: 2 -> 3" in error
 
 
 def test_report_only_redraws_from_finished_runs(swept):
