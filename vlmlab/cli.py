@@ -158,10 +158,15 @@ def _parser() -> argparse.ArgumentParser:
         "export", help="copy a trained model to a folder of its own, optionally with LoRA/DoRA merged in",
         description="Writes the model of a run (or model) directory to --out. A LoRA/DoRA part is kept as its "
                     "adapter and the base model's name unless --merge folds the adapter into the base weights, "
-                    "which stores that part in full and makes it a plain transformers model again.")
+                    "which stores that part in full and makes it a plain transformers model again. The folder "
+                    "gets a model card (README.md: parts, training, data, prompts, decoding, metrics beside the "
+                    "shuffled-image control, the command that reproduces it) and the run's metrics.json.")
     export.add_argument("--model", required=True, type=Path, help="run or model directory")
     export.add_argument("--out", required=True, type=Path, help="folder to write the model to")
     export.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into their base weights")
+    export.add_argument("--push-to-hub", metavar="REPO", default="",
+                        help="then upload the folder to this hub repo (user/name; needs a token: hf auth login)")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
 
     bench = commands.add_parser(
         "bench", help="vlmlab against transformers' BLIP-2 of the same architecture: training, generation, memory",
@@ -296,15 +301,50 @@ def _plan(args) -> int:
 
 
 def _export(args) -> int:
+    import copy
+    import shutil
+
+    from vlmlab.card import TRAIN_CONFIG, model_card, reproduce_command, run_metrics
     from vlmlab.model import VLM
 
     model = VLM.load(args.model, device="cpu")
+    trained = copy.deepcopy(model.config)  # as trained: a merge turns a LoRA part's mode into full
+    parameters = {name: (sum(p.numel() for p in part.parameters()),
+                         sum(p.numel() for p in part.parameters() if p.requires_grad))
+                  for name, part in (("vision", model.vision), ("connector", model.connector),
+                                     ("language", model.language))}
     merged = model.merge_adapters() if args.merge else []
     model.save(args.out)
+    is_run = (args.model / "model" / "config.yaml").is_file()
+    metrics = run_metrics(args.model)
+    if metrics is not None:
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if is_run:
+        shutil.copyfile(args.model / "config.yaml", args.out / TRAIN_CONFIG)
+    command = (reproduce_command(args.model) if is_run
+               else f"vlmlab train --out runs/{args.out.name} --config config.yaml")
+    model_card(args.model, trained, metrics, command, args.push_to_hub or None, parameters, merged,
+               args.out).save(args.out / "README.md")
     size = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
     merged_text = f", adapters merged into {' and '.join(merged)}" if merged else ""
-    print(f"model written to {args.out} ({size / 2**20:.1f} MiB{merged_text})")
+    print(f"model written to {args.out} ({size / 2**20:.1f} MiB{merged_text}), model card {args.out / 'README.md'}")
+    if args.push_to_hub:
+        print(f"uploaded to {_push(args.out, args.push_to_hub, args.private)}")
     return 0
+
+
+def _push(folder: Path, repo_id: str, private: bool) -> str:
+    """Uploads `folder` to the hub model repo `repo_id`; any failure (no token, the network, a refusal) is one line."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, exist_ok=True, private=private)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="vlmlab export")
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"--push-to-hub {repo_id}: the upload failed ({type(err).__name__}: {first})") from err
+    return str(getattr(url, "url", url) or f"https://huggingface.co/{repo_id}")
 
 
 def _bench(args) -> int:

@@ -10,6 +10,7 @@ the name in `config.yaml` again.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -147,9 +148,10 @@ class VLM(nn.Module):
         return merged
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "auto") -> VLM:
-        """Loads a saved model: a `model/` directory, or a run directory that holds one."""
-        directory = Path(directory)
+    def load(cls, directory: str | Path, device: str = "auto", revision: str = "") -> VLM:
+        """Loads a saved model: a `model/` directory, a run directory that holds one, or a hub id (`user/repo`,
+        at `revision`) of a model `vlmlab export --push-to-hub` uploaded; offline (HF_HUB_OFFLINE=1) the hub cache."""
+        directory = _hub_snapshot(directory, revision)
         if (directory / "model" / CONFIG_FILE).is_file():  # a run directory (it has a config.yaml of its own)
             directory = directory / "model"
         if not (directory / CONFIG_FILE).is_file():
@@ -173,6 +175,25 @@ class VLM(nn.Module):
         connector_config = ", ".join(f"connector.{k}={v!r}" for k, v in vars(config.connector).items())
         load_exact(model.connector, directory / CONNECTOR_FILE, f"{CONFIG_FILE} ({connector_config})")
         return model.to(resolve_device(device)).eval()
+
+
+def _hub_snapshot(name: str | Path, revision: str) -> Path:
+    """A local path as it is; a name that is no local path but looks like a hub id: its snapshot folder."""
+    path = Path(name)
+    if path.exists() or not isinstance(name, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision or None))
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(f"{name}: no such folder, and not in the hub cache (offline, or the hub is not "
+                                f"reachable)") from err
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"{name}: no such folder, and not loadable from the hub ({type(err).__name__}: "
+                                f"{first})") from err
 
 
 def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
