@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", required=True, type=Path, help="run or model directory")
     ask.add_argument("image", help="image file")
     ask.add_argument("question", help="the question")
+    ask.add_argument("--explain", type=Path, metavar="OUT.png",
+                     help="also save where the answer looked (attention heatmap on the image) and print its "
+                          "probability with and without the image")
 
     caption = commands.add_parser("caption", help="caption images; one JSON line per image")
     caption.add_argument("--model", required=True, type=Path, help="run or model directory")
@@ -245,7 +248,18 @@ def _eval(args) -> int:
 def _ask(args) -> int:
     from vlmlab.model import VLM
 
-    print(VLM.load(args.model).ask(args.image, args.question))
+    model = VLM.load(args.model)
+    if args.explain is None:
+        print(model.ask(args.image, args.question))
+        return 0
+    from vlmlab.evidence import explain, overlay
+
+    evidence = explain(model, args.image, args.question)
+    print(evidence.answer)
+    overlay(evidence.seen, evidence.heatmap).save(args.explain, format="PNG")
+    print(f"p(answer | image) = {evidence.probability:.4g}, p(answer | blank image) = "
+          f"{evidence.probability_blank:.4g}, blank-image answer: {evidence.answer_blank!r}; heatmap "
+          f"{evidence.grid[0]}x{evidence.grid[1]} saved to {args.explain}")
     return 0
 
 

@@ -42,6 +42,16 @@ class Attention(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out(attended.transpose(1, 2).reshape(batch, length, dim))
 
+    @torch.no_grad()
+    def weights(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities `forward(x, context)` uses, `[B, H, M, N]`, computed explicitly and apart
+        (SDPA never returns them), so reading them leaves `forward`'s numerics as they are (evidence.py)."""
+        batch, length, _ = x.shape
+        heads = self.num_heads
+        q = self.query(x).view(batch, length, heads, -1).transpose(1, 2)  # [B, H, M, D/H]
+        k = self.key_value(context).view(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)[0]
+        return (q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+
 
 def feed_forward(dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))

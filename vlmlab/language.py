@@ -291,11 +291,19 @@ class LanguageModel(nn.Module):
         min_new_tokens: int = 0,
         num_beams: int = 1,
     ) -> list[str]:
+        ids = self.generate_ids(visual, prompts, max_new_tokens, min_new_tokens, num_beams)
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate_ids(self, visual: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
+                     min_new_tokens: int = 0, num_beams: int = 1) -> torch.Tensor:
+        """The raw ids `generate` decodes `[B, T]`: the new tokens (a decoder-only LM fed embeddings returns only
+        those; an encoder-decoder's start with its decoder start token), EOS and padding included."""
         inputs = self._inputs(visual, prompts)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
         if self.fusion is not None:
             self.fusion.attend_to(visual)
-        ids = self.model.generate(
+        return self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
@@ -304,7 +312,6 @@ class LanguageModel(nn.Module):
             eos_token_id=self.eos_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)

@@ -1,0 +1,248 @@
+"""The evidence behind one answer: what the model said, how sure it was with and without the image, and where in
+the image the answer drew on.
+
+`explain(model, image, question)` generates the answer as `VLM.ask` / `VLM.caption` do, keeps its raw ids (so an
+EOS-first answer is visible), then teacher-forces [prompt; answer] once with attention weights on and maps them
+back to the tower's grid in three steps:
+
+1. LM side -> weights over the M visual tokens `[M]`: the attention each position that predicts an answer token
+   gives the visual tokens, averaged over layers, heads and answer tokens. Where it is read:
+   a prefix decoder-only LM's self-attention over the prefix positions; an encoder-decoder (T5)'s decoder
+   cross-attention over the encoder positions holding visual tokens; with gated cross-attention fusion the fused
+   blocks' attention (their `Attention.weights`, read by a forward hook; the blocks' outputs are untouched).
+2. connector -> weights over the N tower features `[N]`: a Q-Former / perceiver (`QueryResampler`) maps its
+   queries to features with its query->feature cross-attention `A [M, N]` (averaged over layers and heads;
+   a perceiver's latent->latent share is dropped): weights_N = weights_M @ A. An MLP / linear connector
+   (`PerFeature`) makes token i from feature i: weights_N = weights_M. Any other connector: the features get
+   even weights (a flat map) and a warning says so, rather than a guess.
+3. features -> grid `[H, W]`: a convnet's map comes from `vision.feature_layout()`; a ViT's N is (S/patch)^2,
+   after dropping a leading CLS token when it has one (CLIP has, SigLIP has not). With image splitting the
+   features of the 4 crops and the whole image are concatenated; the heatmap is the whole-image view's (the last
+   N features), the one that lines up with the image as a whole.
+
+The map is min-max normalised to [0, 1] (a flat map, where every cell got the same, is all ones).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlmlab.connectors import Attention, PerceiverLayer, PerFeature, QFormerLayer, QueryResampler
+from vlmlab.diagnose import blank_example, eager_attention
+from vlmlab.log import warn
+from vlmlab.prompts import format_prompt
+
+
+@dataclass
+class Evidence:
+    answer: str  # the generated text (greedy/beam per options)
+    token_ids: list[int]  # the raw generated ids (EOS included if generated)
+    answer_blank: str  # the answer with the image replaced by a blank (grey) image
+    answer_other: str | None  # the answer with the image swapped for `other`; None without one
+    probability: float  # p(answer tokens | image, prompt) under teacher forcing
+    probability_blank: float  # the same answer's probability with the blank image
+    heatmap: np.ndarray  # [H, W] in [0, 1] over the tower's patch or cell grid
+    grid: tuple[int, int]  # (H, W) of that grid
+    seen: Image.Image | None = field(default=None, repr=False)  # the (whole-image) view as the tower saw it
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+@contextmanager
+def _recording(attentions: list[Attention]):
+    """Forward hooks that keep each module's attention probabilities `[B, H, Q, K]` in a list per module."""
+    kept: list[list[torch.Tensor]] = [[] for _ in attentions]
+    handles = [
+        module.register_forward_hook(lambda m, args, out, i=i: kept[i].append(m.weights(*args)))
+        for i, module in enumerate(attentions)
+    ]
+    try:
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _connector_attentions(connector) -> list[tuple[Attention, bool]]:
+    """(the query->feature attention of each layer, whether its keys are [features; latents] (a perceiver))."""
+    if not isinstance(connector, QueryResampler):
+        return []
+    found = []
+    for layer in connector.layers:
+        if isinstance(layer, QFormerLayer):
+            found.append((layer.cross_attention, False))
+        elif isinstance(layer, PerceiverLayer):
+            found.append((layer.attention, True))
+    return found
+
+
+def _token_ids(lm, ids: torch.Tensor) -> list[int]:
+    """One generated row -> its raw ids: an encoder-decoder's start token dropped, and nothing after the first
+    EOS (padding only)."""
+    row = ids[0].tolist()
+    if lm.is_encoder_decoder and row:
+        row = row[1:]
+    if lm.eos_id in row:
+        row = row[: row.index(lm.eos_id) + 1]
+    return row
+
+
+def _lm_pass(lm, visual: torch.Tensor, prompt: list[int], answer: list[int], attention: bool):
+    """Teacher-forces [prompt; answer] once: (summed NLL of the answer tokens, LM weights over the M visual tokens
+    `[M]` or None). The NLL counts every token once (no `eos_loss_weight`): it is a probability, not a loss."""
+    num_visual = visual.shape[1]
+    fusion = lm.fusion
+    hooks = [block.attention for block in fusion.blocks] if attention and fusion is not None else []
+    looking = eager_attention(lm.model) if attention and fusion is None else _nothing()
+    with torch.no_grad(), looking, _recording(hooks) as fused:
+        output = lm(visual, [prompt], [answer], output_attentions=attention and fusion is None)
+    logits = output.logits[0].float()  # [T, V]
+    count = len(answer)
+    if lm.is_encoder_decoder:
+        predicting = torch.arange(count)  # decoder position t predicts answer token t
+    else:  # one row, no padding: position t predicts token t + 1
+        predicting = torch.arange(logits.shape[0] - count - 1, logits.shape[0] - 1)
+    targets = torch.tensor(answer, device=logits.device)
+    nll = float(F.cross_entropy(logits[predicting], targets, reduction="sum"))
+    if not attention:
+        return nll, None
+    if fusion is not None:  # each block: [1, H, T_text, M]; the text row is [prompt; answer]
+        layers = [kept[-1][0, :, predicting] for kept in fused]
+    elif lm.is_encoder_decoder:  # [1, H, T_dec, L_enc]; the encoder reads [visual; prompt]
+        layers = [a[0, :, predicting, :num_visual] for a in output.cross_attentions]
+    else:  # [1, H, L, L] over [visual; prompt; answer]
+        layers = [a[0, :, predicting, :num_visual] for a in output.attentions]
+    return nll, torch.stack(layers).float().mean(dim=(0, 1, 2)).cpu()  # [M]
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _feature_grid(model, num_total: int) -> tuple[int, int, bool]:
+    """(N features per view, H, W, whether a CLS token leads them) of the tower's features."""
+    per_view, _, grid = model.vision.feature_layout()
+    if grid is not None:
+        return per_view, grid, False
+    side = math.isqrt(per_view)
+    if side * side == per_view:
+        return per_view, (side, side), False
+    side = math.isqrt(per_view - 1)
+    if side * side == per_view - 1:
+        return per_view, (side, side), True
+    warn(f"evidence: {per_view} ViT features make no square grid; the heatmap is one row of them")
+    return per_view, (1, per_view), False
+
+
+def _feature_weights(model, lm_weights: torch.Tensor, connector_maps: list, num_total: int) -> torch.Tensor:
+    """LM weights over M visual tokens `[M]` -> weights over the connector's N input features `[N]`."""
+    connector = model.connector
+    if connector_maps:  # [M, N]: the queries' attention on the features, averaged over layers and heads
+        return lm_weights @ torch.stack(connector_maps).mean(0)
+    if isinstance(connector, PerFeature) or lm_weights.shape[0] == num_total and not isinstance(
+            connector, QueryResampler):
+        return lm_weights  # token i is feature i
+    warn(f"evidence: the {type(connector).__name__} connector's attention cannot be read; the heatmap is flat")
+    return torch.ones(num_total)
+
+
+def _normalise(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if not np.isfinite(low) or not np.isfinite(high) or high - low < 1e-12:
+        return np.ones_like(values, dtype=np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- explain
+
+
+def explain(model, image, question: str | None, other=None, max_new_tokens: int | None = None,
+            min_new_tokens: int | None = None, num_beams: int | None = None) -> Evidence:
+    """The answer to `question` about `image` (None: its caption) and the evidence behind it (module doc)."""
+    lm = model.language
+    caption = question is None
+    if caption:
+        prompt_text = format_prompt(model.config.data, None)
+    else:
+        if not question.strip():
+            raise ValueError("the question is empty; ask something about the image")
+        fitted = lm.fit_question(question, lambda text: format_prompt(model.config.data, text))
+        prompt_text = format_prompt(model.config.data, fitted)
+    options = model._generation_options(caption=caption)
+    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
+                        ("num_beams", num_beams)):
+        if value is not None:
+            options[name] = value
+    prompt = lm.encode_prompts([prompt_text])[0]
+    was_training = model.training
+    model.eval()
+    try:
+        pixels = model.pixels_of([image])  # [1, 3, S, S] or [1, V, 3, S, S]
+        hooked = _connector_attentions(model.connector)
+        with torch.no_grad(), _recording([module for module, _ in hooked]) as kept:
+            tower = model.vision(pixels.to(model.device))  # [1, N, Dv], N over all views
+            visual = model.visual_tokens(None, tower)  # [1, M, D]
+        features = tower.shape[1]
+        connector_maps = []
+        for (module, perceiver), weights in zip(hooked, kept):
+            a = weights[-1][0].float().mean(0)  # [M, N] (a perceiver's [M, N + M])
+            connector_maps.append(a[:, :features].cpu())
+        ids = _token_ids(lm, lm.generate_ids(visual, [prompt], **options))
+        answer = lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        nll, lm_weights = _lm_pass(lm, visual, prompt, ids, attention=True)
+
+        def answer_with(picture) -> tuple[str, torch.Tensor]:
+            with torch.no_grad():
+                seen = model.visual_tokens(model.pixels_of([picture]))
+            return lm.generate(seen, [prompt], **options)[0], seen
+
+        blank = blank_example().image
+        answer_blank, blank_visual = answer_with(blank)
+        nll_blank, _ = _lm_pass(lm, blank_visual, prompt, ids, attention=False)
+        answer_other = answer_with(other)[0] if other is not None else None
+
+        per_view, grid, has_cls = _feature_grid(model, features)
+        weights = _feature_weights(model, lm_weights, connector_maps, features)[-per_view:]  # the whole view
+        if has_cls:
+            weights = weights[1:]
+        heatmap = _normalise(weights.reshape(grid).numpy().astype(np.float64))
+        view = pixels[0, -1] if pixels.ndim == 5 else pixels[0]  # [3, S, S] uint8
+        seen = Image.fromarray(view.permute(1, 2, 0).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return Evidence(answer=answer, token_ids=ids, answer_blank=answer_blank, answer_other=answer_other,
+                    probability=math.exp(-nll), probability_blank=math.exp(-nll_blank), heatmap=heatmap,
+                    grid=tuple(grid), seen=seen)
+
+
+def overlay(image, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """`heatmap` `[H, W]` upsampled onto the image and colour-mapped (matplotlib's jet), blended at `alpha`.
+
+    Pass the image as the model saw it (`Evidence.seen`: after its resize, the whole-image view) for exact
+    alignment; any other image (a path or PIL image) is squashed to a square first, as `data.image_resize=squash`
+    (the default) shows it to the tower.
+    """
+    from matplotlib import colormaps
+
+    from vlmlab.images import load_image
+
+    picture = image if isinstance(image, Image.Image) else load_image(Path(image))
+    picture = picture.convert("RGB")
+    side = max(picture.size)
+    if picture.width != picture.height:
+        picture = picture.resize((side, side), Image.Resampling.BICUBIC)
+    values = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
+    upsampled = Image.fromarray(np.uint8(np.rint(values * 255))).resize(picture.size, Image.Resampling.BILINEAR)
+    coloured = colormaps["jet"](np.asarray(upsampled, dtype=np.float32) / 255.0)[..., :3]  # [S, S, 3]
+    heat = Image.fromarray(np.uint8(np.rint(coloured * 255)))
+    return Image.blend(picture, heat, float(alpha))
