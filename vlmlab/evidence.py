@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlmlab.connectors import Attention, PerceiverLayer, PerFeature, QFormerLayer, QueryResampler
+from vlmlab.connectors import (
+    Attention,
+    PerceiverLayer,
+    PerFeature,
+    QFormerLayer,
+    QueryResampler,
+)
 from vlmlab.diagnose import blank_example, eager_attention
 from vlmlab.log import warn
 from vlmlab.prompts import format_prompt
@@ -129,8 +135,8 @@ def _nothing():
     yield
 
 
-def _feature_grid(model, num_total: int) -> tuple[int, int, bool]:
-    """(N features per view, H, W, whether a CLS token leads them) of the tower's features."""
+def _feature_grid(model) -> tuple[int, tuple[int, int], bool]:
+    """(N features per view, (H, W), whether a CLS token leads the N) of the tower's features."""
     per_view, _, grid = model.vision.feature_layout()
     if grid is not None:
         return per_view, grid, False
@@ -149,9 +155,9 @@ def _feature_weights(model, lm_weights: torch.Tensor, connector_maps: list, num_
     connector = model.connector
     if connector_maps:  # [M, N]: the queries' attention on the features, averaged over layers and heads
         return lm_weights @ torch.stack(connector_maps).mean(0)
-    if isinstance(connector, PerFeature) or lm_weights.shape[0] == num_total and not isinstance(
-            connector, QueryResampler):
-        return lm_weights  # token i is feature i
+    per_feature = isinstance(connector, PerFeature)
+    if per_feature or (lm_weights.shape[0] == num_total and not isinstance(connector, QueryResampler)):
+        return lm_weights  # token i is feature i (an unknown connector with M == N is read the same way)
     warn(f"evidence: the {type(connector).__name__} connector's attention cannot be read; the heatmap is flat")
     return torch.ones(num_total)
 
@@ -177,6 +183,9 @@ def explain(model, image, question: str | None, other=None, max_new_tokens: int 
         if not question.strip():
             raise ValueError("the question is empty; ask something about the image")
         fitted = lm.fit_question(question, lambda text: format_prompt(model.config.data, text))
+        if fitted != question:
+            warn(f"question cut to its first {len(fitted)} of {len(question)} characters to fit "
+                 f"language.max_prompt_tokens={lm.max_prompt_tokens}")
         prompt_text = format_prompt(model.config.data, fitted)
     options = model._generation_options(caption=caption)
     for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
@@ -211,7 +220,7 @@ def explain(model, image, question: str | None, other=None, max_new_tokens: int 
         nll_blank, _ = _lm_pass(lm, blank_visual, prompt, ids, attention=False)
         answer_other = answer_with(other)[0] if other is not None else None
 
-        per_view, grid, has_cls = _feature_grid(model, features)
+        per_view, grid, has_cls = _feature_grid(model)
         weights = _feature_weights(model, lm_weights, connector_maps, features)[-per_view:]  # the whole view
         if has_cls:
             weights = weights[1:]
