@@ -195,6 +195,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="on a CPU shared with other work: time by each side's CPU time, torch on one thread")
     bench.add_argument("overrides", nargs="*", metavar="section.field=value",
                        help="e.g. train.batch_size=8 train.precision=bf16 eval.max_new_tokens=10")
+    demo = commands.add_parser(
+        "demo", help="a gradio page: ask one or more models about an image, with the evidence beside each answer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serves a page to upload an image (or pick a sample), ask a question or ask for a caption, and "
+                    "see each model's answer beside its evidence: the answer with the image blanked and swapped "
+                    "for another, its probability with and without the image, a heatmap of the visual tokens it "
+                    "drew on. The same as API endpoints /ask and /caption (gradio_client). Needs the demo extra: "
+                    'pip install -e ".[demo]".',
+        epilog="examples:\n  vlmlab demo --model runs/default                       # http://127.0.0.1:7860\n"
+               "  vlmlab demo --model runs/a --model runs/b --port 8080   # two models side by side")
+    demo.add_argument("--model", required=True, type=Path, action="append", help="run or model directory (repeat)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")
     return parser
 
 
@@ -415,9 +428,29 @@ def _presets(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print('error: the demo needs gradio: pip install -e ".[demo]"', file=sys.stderr)
+        return 2
+    from vlmlab.demo import build_app, launch
+    from vlmlab.model import VLM
+
+    names = []
+    for path in args.model:  # the folder's name, or its parent's for a run's model/ folder; numbered if repeated
+        name = path.resolve().parent.name if path.resolve().name == "model" else path.resolve().name
+        names.append(name if name not in names else f"{name} ({len(names) + 1})")
+    launch(build_app([VLM.load(path) for path in args.model], names), args.host, args.port)
+    return 0
+
+
 COMMANDS = {"train": _train, "eval": _eval, "ask": _ask, "caption": _caption, "diagnose": _diagnose,
             "presets": _presets, "plan": _plan, "export": _export, "bench": _bench, "sweep": _sweep,
-            "report": _report}
+            "report": _report, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
