@@ -200,9 +200,10 @@ def sample_images(folder: Path) -> list[str]:
     from vlmlab.data.synthetic import make_split
 
     paths = []
-    for i, example in enumerate(make_split("test", 3, questions_per_image=1)):
+    scenes = list({id(e.image): e.image for e in make_split("test", 3, questions_per_image=1)}.values())
+    for i, scene in enumerate(scenes[:3]):  # one example per question: the same scene more than once
         paths.append(folder / f"world-{i}.png")
-        example.image.resize((256, 256), Image.NEAREST).save(paths[-1])
+        scene.resize((256, 256), Image.NEAREST).save(paths[-1])
     try:
         import skimage.data
 
