@@ -2,6 +2,7 @@ import struct
 import zlib
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +17,14 @@ from vlmlab.images import GREY, ImageError, ImagePrep, load_image, quadrants, ra
 # ------------------------------------------------------------------ every image Pillow opens
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I;16", "I", "F", "YCbCr", "LAB"])
+# Pillow 12 (which gradio, for the demo, pins) cannot read back its own uncompressed YCbCr TIFF ("image file is
+# truncated"); vlmlab then says so in one ImageError line. Pillow 13 reads it. Strict: it is noticed when fixed.
+PILLOW_12_YCBCR = pytest.mark.xfail(int(PIL.__version__.split(".")[0]) < 13, raises=images.ImageError, strict=True,
+                                    reason="Pillow < 13 cannot read its own uncompressed YCbCr TIFF")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I;16", "I", "F",
+                                  pytest.param("YCbCr", marks=PILLOW_12_YCBCR), "LAB"])
 def test_every_mode_becomes_rgb(mode, tmp_path):
     source = Image.new("RGB", (20, 10), (200, 30, 30)).convert(mode)
     suffix = "tiff" if mode in ("I;16", "I", "F", "CMYK", "YCbCr", "LAB") else "png"
@@ -27,7 +35,7 @@ def test_every_mode_becomes_rgb(mode, tmp_path):
     assert to_pixels(image, 16).shape == (3, 16, 16)
 
 
-@pytest.mark.parametrize("mode", ["HSV", "RGBa", "RGBX", "I;16B", "PA"])
+@pytest.mark.parametrize("mode", ["HSV", "RGBa", "RGBX", "I;16B", "PA", "YCbCr"])
 def test_in_memory_modes_become_rgb(mode):
     assert load_image(Image.new("RGB", (3, 2), (10, 200, 10)).convert(mode)).mode == "RGB"
 
