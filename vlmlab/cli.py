@@ -167,6 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, type=Path, help="run or model directory")
     export.add_argument("--out", required=True, type=Path, help="folder to write the model to")
     export.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into their base weights")
+    export.add_argument("--format", choices=["vlmlab", "transformers"], default="vlmlab",
+                        help="vlmlab: the model folder VLM.load reads; transformers: a LlavaForConditionalGeneration "
+                             "checkpoint plain transformers loads (CLIP/SigLIP -> mlp -> Llama only; others say "
+                             "they need vlmlab to load)")
     export.add_argument("--push-to-hub", metavar="REPO", default="",
                         help="then upload the folder to this hub repo (user/name; needs a token: hf auth login)")
     export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
@@ -341,7 +345,12 @@ def _export(args) -> int:
                   for name, part in (("vision", model.vision), ("connector", model.connector),
                                      ("language", model.language))}
     merged = model.merge_adapters() if args.merge else []
-    model.save(args.out)
+    if args.format == "transformers":
+        from vlmlab.to_transformers import export_llava
+
+        export_llava(model, args.out)
+    else:
+        model.save(args.out)
     is_run = (args.model / "model" / "config.yaml").is_file()
     metrics = run_metrics(args.model)
     if metrics is not None:
