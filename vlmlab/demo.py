@@ -14,6 +14,7 @@ events share one queue slot (`concurrency_id="model"`): requests wait, the model
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -107,6 +108,44 @@ def answer_of(model, picture: Image.Image, question: str | None, options: dict) 
         return model.generate(model.pixels_of([picture]), [prompt_of(model, question)], **options)[0]
 
 
+def stream_answer(model, picture: Image.Image, question: str | None, options: dict):
+    """Generator of the growing answer text as it is generated, the last one exactly `answer_of`'s (so `VLM.ask`'s).
+
+    transformers' `TextIteratorStreamer`, generation in a thread as transformers documents it. Beam search cannot
+    stream (transformers refuses a streamer with num_beams > 1: a beam's text is only known at the end), so then
+    the whole answer comes at once.
+    """
+    if options.get("num_beams", 1) > 1:
+        yield answer_of(model, picture, question, options)
+        return
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(model.language.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pixels, prompts = model.pixels_of([picture]), [prompt_of(model, question)]
+    done: dict = {}
+
+    def run():  # VLM.generate is no_grad itself (no_grad is per thread)
+        try:
+            done["answer"] = model.generate(pixels, prompts, streamer=streamer, **options)[0]
+        except BaseException as err:  # noqa: BLE001 - re-raised in the request's thread below
+            done["error"] = err
+            streamer.end()  # unblocks the loop below
+
+    thread = threading.Thread(target=run, name="vlmlab-demo-generate", daemon=True)
+    thread.start()
+    text, shown = "", ""
+    for piece in streamer:
+        text += piece
+        if text.strip() and text.strip() != shown:
+            shown = text.strip()  # stripped as generate strips: each a prefix of the next
+            yield shown
+    thread.join()
+    if "error" in done:
+        raise done["error"]
+    if done["answer"] != shown or not shown:
+        yield done["answer"]
+
+
 def _odd(text: str) -> bool:
     return not text.strip() or not any(ch.isalnum() for ch in text)
 
@@ -153,8 +192,10 @@ def respond(models: list, other: Image.Image, task: str, image, question, mode=N
         asked = None if caption else check_question(question)
         options = [decoding_options(m, caption, mode, max_new_tokens, min_new_tokens, num_beams) for m in models]
         state = [["", "", "", None] for _ in models]
-        for i, model in enumerate(models):
-            state[i][0] = answer_of(model, picture, asked, options[i])
+        for i, model in enumerate(models):  # each answer streamed as it is generated
+            for text in stream_answer(model, picture, asked, options[i]):
+                state[i][0] = text
+                yield [value for row in state for value in row]
             state[i][2] = "*working out the evidence ...*"
             yield [value for row in state for value in row]
         for i, model in enumerate(models):
@@ -232,7 +273,9 @@ def build_app(models: list, names: list[str] | None = None) -> gr.Blocks:
     samples = sample_images(Path(tempfile.mkdtemp(prefix="vlmlab-demo-")))
     shared = {"concurrency_id": "model", "concurrency_limit": 1}
 
-    with gr.Blocks(title="vlmlab demo") as app:
+    # delete_cache: gradio writes every upload and every returned heatmap into its file cache (disk, not memory);
+    # files a day old are pruned hourly, so a long-running demo's cache does not grow without end.
+    with gr.Blocks(title="vlmlab demo", delete_cache=(3600, 86400)) as app:
         gr.Markdown("## vlmlab demo\nAsk a question about an image or ask for a caption. Beside each answer: the "
                     "answer with the image blanked and swapped for another image, its probability with and "
                     "without the image, and the visual tokens it drew on.")

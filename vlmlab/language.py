@@ -290,15 +290,18 @@ class LanguageModel(nn.Module):
         max_new_tokens: int,
         min_new_tokens: int = 0,
         num_beams: int = 1,
+        streamer=None,
     ) -> list[str]:
-        ids = self.generate_ids(visual, prompts, max_new_tokens, min_new_tokens, num_beams)
+        ids = self.generate_ids(visual, prompts, max_new_tokens, min_new_tokens, num_beams, streamer)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate_ids(self, visual: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
-                     min_new_tokens: int = 0, num_beams: int = 1) -> torch.Tensor:
+                     min_new_tokens: int = 0, num_beams: int = 1, streamer=None) -> torch.Tensor:
         """The raw ids `generate` decodes `[B, T]`: the new tokens (a decoder-only LM fed embeddings returns only
-        those; an encoder-decoder's start with its decoder start token), EOS and padding included."""
+        those; an encoder-decoder's start with its decoder start token), EOS and padding included. `streamer`: a
+        transformers streamer (e.g. `TextIteratorStreamer`) handed each new token as it is generated; batch size 1
+        and num_beams=1 only, as transformers requires."""
         inputs = self._inputs(visual, prompts)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
         if self.fusion is not None:
@@ -311,6 +314,7 @@ class LanguageModel(nn.Module):
             do_sample=False,
             eos_token_id=self.eos_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
         )
 
     def save(self, directory: Path) -> None:

@@ -86,7 +86,8 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int,
                  image_index: torch.Tensor | None = None, **options) -> list[str]:
-        """Text for each prompt; `pixels` and `image_index` as in `forward`."""
+        """Text for each prompt; `pixels` and `image_index` as in `forward`. `options` go to
+        `LanguageModel.generate` (min_new_tokens, num_beams, streamer=a transformers streamer for one prompt)."""
         visual = self.visual_tokens(pixels)
         if image_index is not None:
             visual = visual[image_index.to(visual.device)]
