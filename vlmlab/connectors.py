@@ -34,11 +34,16 @@ class Attention(nn.Module):
         self.key_value = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
+    def _heads(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries `[B, H, M, D/H]`, keys and values `[B, H, N, D/H]`."""
+        batch, length, _ = x.shape
+        q = self.query(x).view(batch, length, self.num_heads, -1).transpose(1, 2)
+        k, v = self.key_value(context).view(batch, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        heads = self.num_heads
-        q = self.query(x).view(batch, length, heads, -1).transpose(1, 2)  # [B, H, M, D/H]
-        k, v = self.key_value(context).view(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self._heads(x, context)
         attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out(attended.transpose(1, 2).reshape(batch, length, dim))
 
@@ -46,10 +51,7 @@ class Attention(nn.Module):
     def weights(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The attention probabilities `forward(x, context)` uses, `[B, H, M, N]`, computed explicitly and apart
         (SDPA never returns them), so reading them leaves `forward`'s numerics as they are (evidence.py)."""
-        batch, length, _ = x.shape
-        heads = self.num_heads
-        q = self.query(x).view(batch, length, heads, -1).transpose(1, 2)  # [B, H, M, D/H]
-        k = self.key_value(context).view(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)[0]
+        q, k, _ = self._heads(x, context)
         return (q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
 
 

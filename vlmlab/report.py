@@ -197,15 +197,23 @@ def example_scores(records: list[dict]) -> dict:
     return scores
 
 
+def batch_size(run_dir: Path) -> int | None:
+    """train.batch_size from a run's config.yaml, or None: examples seen = step x batch size (every step draws a
+    full batch). The study report and a run's report both put steps on that axis."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return int(config["train"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
 def validation_curve(directory: Path) -> list[tuple[int, float]]:
     """(training examples seen, validation VQA accuracy) at each evaluation the training log holds."""
-    config_path = directory / "config.yaml"
-    try:
-        batch_size = yaml.safe_load(config_path.read_text())["train"]["batch_size"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    batch = batch_size(directory)
+    if batch is None:
         return []  # without the batch size the steps cannot be put on the examples-seen axis
     return [
-        (record["step"] * batch_size, record["eval"]["vqa_accuracy"])
+        (record["step"] * batch, record["eval"]["vqa_accuracy"])
         for record in read_jsonl(directory / "train_log.jsonl")
         if isinstance(record.get("eval"), dict) and record["eval"].get("vqa_accuracy") is not None
     ]

@@ -17,7 +17,7 @@ import numpy as np
 
 from vlmlab.diagnose import COLLAPSE_RATE, MIN_LOSS_GAP, UNCHANGED_RATE
 from vlmlab.log import warn
-from vlmlab.report import new_figure, one_line, read_jsonl
+from vlmlab.report import batch_size, new_figure, one_line, read_jsonl
 
 RATE_SIGNALS = {  # alarm signal -> (legend label, line colour, the level from which it counts against the model)
     "unchanged_with_shuffled_images": ("unchanged with shuffled images", "tab:blue", UNCHANGED_RATE),
@@ -40,17 +40,6 @@ def read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def batch_size(run_dir: Path) -> int | None:
-    """train.batch_size from config.yaml: examples seen = step x batch size (every step draws a full batch)."""
-    import yaml
-
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        return int(config["train"]["batch_size"])
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
-        return None
 
 
 def is_number(value) -> bool:

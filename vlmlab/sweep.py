@@ -304,8 +304,9 @@ def estimate(study: Study, runs: list[Run]) -> list[dict]:
     done = [json.loads((r.directory / RUN_RECORD).read_text()) | {"run": r} for r in runs if r.state == "done"]
     built: dict = {}
     rows = []
+    variants = study.variants()
     for run in runs:
-        cfg, _ = study.run_config(study.variants()[run.variant], run.seed)
+        cfg, _ = study.run_config(variants[run.variant], run.seed)
         examples = cfg.train.max_steps * cfg.train.batch_size
         total, trainable, features = _parameters(cfg, built)
         row = {"run": run.key, "state": run.state, "after": run.starts_from, "examples": examples,
