@@ -44,12 +44,16 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    kind: str = "qformer"  # qformer | perceiver | mlp | linear
+    kind: str = "qformer"  # qformer | perceiver | mlp | linear | blip2 | instructblip (transformers' Q-Formers)
     num_queries: int = 16  # visual tokens handed to the LM (qformer, perceiver)
     hidden_size: int = 128  # width of the query stream (qformer, perceiver)
     num_layers: int = 2
     num_heads: int = 4
     dropout: float = 0.0
+    cross_attention_every: int = 2  # blip2 | instructblip: cross-attention to the image in layers 0, k, 2k, ...
+    # blip2 | instructblip: where the Q-Former's weights begin, a BLIP-2 / InstructBLIP checkpoint (hub name or
+    # path; cross-attention keys and values new where the tower's width differs) or a BERT model ("": from scratch)
+    init: str = ""
 
 
 @dataclass
@@ -203,7 +207,8 @@ def set_field(cfg: Config, key: str, value) -> None:
 MINIMUM = {
     "vision.image_size": 1, "vision.patch_size": 1, "vision.hidden_size": 1, "vision.num_layers": 1,
     "vision.num_heads": 1, "connector.num_queries": 1, "connector.hidden_size": 1, "connector.num_layers": 0,
-    "connector.num_heads": 1, "connector.dropout": 0.0, "language.hidden_size": 1, "language.num_layers": 1,
+    "connector.num_heads": 1, "connector.dropout": 0.0, "connector.cross_attention_every": 1,
+    "language.hidden_size": 1, "language.num_layers": 1,
     "language.num_heads": 1, "language.max_prompt_tokens": 2, "language.max_target_tokens": 2,
     "data.train_images": 1, "data.eval_images": 1, "data.questions_per_image": 0, "data.train_size": 0,
     "data.eval_size": 0,

@@ -1,11 +1,12 @@
 """Connectors: vision features `[B, N, Dv]` -> visual tokens `[B, M, Dl]` in the language model's embedding space.
 
-One contract, four builders in a plain dict:
+One contract, six builders in a plain dict:
 - qformer: M learned queries; each layer self-attends over the queries, cross-attends to the image features and
   applies a feed-forward (BLIP-2's Q-Former, without its text branch), then a linear projection to Dl.
 - perceiver: M learned latents attend to [features; latents] (Flamingo's perceiver resampler), then project.
 - mlp: two-layer GELU MLP per feature (LLaVA-1.5); M = N.
 - linear: one linear map per feature (LLaVA-1); M = N.
+- blip2, instructblip: transformers' own BLIP-2 / InstructBLIP Q-Former, pretrained via `connector.init` (blip2.py).
 
 A convolutional tower's features carry no position of their own (a ViT's do), so every connector gives them a
 learned one; without it an MLP connector's tokens would not say where in the image each feature was.
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmlab.config import ConnectorConfig
+from vlmlab.blip2 import BY_CONNECTOR, build_qformer_connector
+from vlmlab.config import ConfigError, ConnectorConfig
 from vlmlab.registry import lookup
 
 
@@ -150,11 +152,21 @@ def _linear(cfg, vision_dim, lm_dim, num_features, positioned):
     return PerFeature(nn.Linear(vision_dim, lm_dim), num_features, vision_dim, positioned)
 
 
-CONNECTORS = {"qformer": _qformer, "perceiver": _perceiver, "mlp": _mlp, "linear": _linear}
+def _pretrained_qformer(cfg, vision_dim, lm_dim, num_features, positioned):
+    positions = feature_positions(num_features, vision_dim) if positioned else None  # [N, Dv]: a convnet's
+    return build_qformer_connector(cfg, vision_dim, lm_dim, positions)
+
+
+CONNECTORS = {"qformer": _qformer, "perceiver": _perceiver, "mlp": _mlp, "linear": _linear,
+              "blip2": _pretrained_qformer, "instructblip": _pretrained_qformer}
 
 
 def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int,
                     positioned: bool = False) -> nn.Module:
     """A connector for `num_features` vision features of width `vision_dim`, emitting tokens of width `lm_dim`;
     `positioned`: the features carry no position of their own (a convolutional map, `VisionTower.feature_layout`)."""
-    return lookup(CONNECTORS, cfg.kind, "connector")(cfg, vision_dim, lm_dim, num_features, positioned)
+    builder = lookup(CONNECTORS, cfg.kind, "connector")
+    if cfg.init and cfg.kind not in BY_CONNECTOR:
+        raise ConfigError(f"connector.init={cfg.init!r} loads a transformers Q-Former: set connector.kind to one of "
+                          f"{', '.join(BY_CONNECTOR)} (connector.kind={cfg.kind!r} is vlmlab's own)")
+    return builder(cfg, vision_dim, lm_dim, num_features, positioned)

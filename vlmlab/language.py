@@ -34,6 +34,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from vlmlab.blip2 import family_of, load_half
 from vlmlab.config import LanguageConfig
 from vlmlab.fusion import FUSION_FILE, build_fusion
 from vlmlab.loading import pretrained_config, pretrained_model, pretrained_tokenizer
@@ -329,11 +330,13 @@ def load_pretrained(name: str, trust_remote_code: bool = False,
                     revision: str = "") -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A hub name or local path (at hub `revision`) -> (LM, tokenizer); the LM class follows the checkpoint's config."""
     config = pretrained_config("language.model", name, trust_remote_code, revision)
-    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     tokenizer = pretrained_tokenizer("language.model", name, trust_remote_code, revision)
     if tokenizer.pad_token is None:
         # GPT-2 ships no pad token. Reusing EOS is harmless here: labels never come from comparing ids with pad.
         tokenizer.pad_token = tokenizer.eos_token
+    if family_of(config) is not None:  # a whole BLIP-2 / InstructBLIP checkpoint: its LM and tokenizer
+        return load_half(config, "language", "language.model", name, trust_remote_code, revision), tokenizer
+    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     return pretrained_model(model_class, "language.model", name, trust_remote_code, revision), tokenizer
 
 

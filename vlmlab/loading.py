@@ -55,8 +55,9 @@ def pretrained_tokenizer(key: str, name: str, trust_remote_code: bool, revision:
         raise _cannot_load(key, name, err) from None
 
 
-def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool, revision: str = ""):
-    """`model_class.from_pretrained(name, revision=)` from safetensors only; refuses weights of the wrong shape.
+def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool, revision: str = "", **options):
+    """`model_class.from_pretrained(name, revision=, **options)` from safetensors only; refuses weights of the wrong
+    shape. `options` e.g. `config=` and `key_mapping=` load one part of a composite checkpoint (blip2.py).
 
     Returns the model with `loading_info` set: transformers' `missing_keys` and `unexpected_keys` (sets of names).
     """
@@ -68,6 +69,7 @@ def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool, 
             use_safetensors=True,
             output_loading_info=True,
             ignore_mismatched_sizes=True,  # reported below as an error that names the keys, not as a bare report
+            **options,
         )
     except (OSError, ValueError, SafetensorError) as err:
         raise _cannot_load(key, name, err) from None

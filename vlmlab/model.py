@@ -1,7 +1,8 @@
 """`VLM(vision, connector, language)`: composes the three parts; builds, saves and loads them.
 
 A saved model directory holds `config.yaml` (resolved), `vision/` and `language/` (`save_pretrained`, safetensors,
-tokenizer included) and `connector.safetensors`; `VLM.load` rebuilds each part from there by local path, the
+tokenizer included) and `connector.safetensors` (+ `connector/`, the config and tokenizer of a transformers Q-Former,
+blip2.py); `VLM.load` rebuilds each part from there by local path, the
 same code that loads hub names. A part whose base weights are those of its named checkpoint (frozen, LoRA, DoRA)
 is saved by reference instead: its folder holds only the adapter (tuning.py), and loading takes the base from
 the name in `config.yaml` again.
@@ -19,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from vlmlab.blip2 import as_is_config, is_checkpoint
 from vlmlab.config import Config, ConfigError, load_config, save_config
 from vlmlab.connectors import build_connector
 from vlmlab.images import ImagePrep, load_image, num_views
@@ -30,10 +32,11 @@ from vlmlab.tokenizer import train_tokenizer
 from vlmlab.tuning import (apply_tuning, check_modes, is_adapted, load_reference, merge_adapter, save_reference,
                            saved_by_reference)
 from vlmlab.vision import VisionTower, build_vision
-from vlmlab.weights import check_reference
+from vlmlab.weights import check_reference, record
 
 CONFIG_FILE = "config.yaml"
 CONNECTOR_FILE = "connector.safetensors"
+CONNECTOR_DIR = "connector"  # a transformers Q-Former's config and tokenizer (blip2.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,14 +64,22 @@ class VLM(nn.Module):
         return next(self.parameters()).device
 
     # -- core --------------------------------------------------------------------------------------------------
-    def visual_tokens(self, pixels: torch.Tensor | None, features: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 pixels `[B, 3, S, S]` -> visual tokens `[B, M, Dl]`; or the tower's `features` `[B, N, Dv]`
-        computed before (a frozen tower's, from the feature cache), which skips the tower."""
+    def visual_tokens(self, pixels: torch.Tensor | None, features: torch.Tensor | None = None,
+                      image_index: torch.Tensor | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+        """uint8 pixels `[U, 3, S, S]` -> visual tokens `[U, M, Dl]`; or the tower's `features` `[U, N, Dv]`
+        computed before (a frozen tower's, from the feature cache), which skips the tower. `image_index` `[B]`
+        picks each example's image: `[B, M, Dl]`. A connector that reads the prompt too (InstructBLIP's Q-Former)
+        runs once per example, on `prompts`, after the pick; any other once per image, before it."""
         if features is None:
             features = self.vision(pixels.to(self.device, non_blocking=True))
         else:  # stored in fp16; the connector computes in its own dtype (autocast lowers it where asked)
             features = features.to(self.device, next(self.connector.parameters()).dtype, non_blocking=True)
-        return self.connector(features)
+        if getattr(self.connector, "reads_prompt", False):
+            if image_index is not None:
+                features = features[image_index.to(features.device)]  # [B, N, Dv]
+            return self.connector(features, prompts)
+        visual = self.connector(features)
+        return visual if image_index is None else visual[image_index.to(visual.device)]
 
     def forward(self, pixels: torch.Tensor | None, prompts: list[str], targets: list[str],
                 image_index: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,9 +88,7 @@ class VLM(nn.Module):
         `pixels` `[U, 3, S, S]` (or cached `features` `[U, N, Dv]`, pixels None) holds each distinct image once;
         `image_index` `[B]` picks each example's image (None: one image per example).
         """
-        visual = self.visual_tokens(pixels, features)  # [U, M, Dl]
-        if image_index is not None:
-            visual = visual[image_index.to(visual.device)]  # [B, M, Dl]
+        visual = self.visual_tokens(pixels, features, image_index, prompts)  # [B, M, Dl]
         lm = self.language
         return lm.loss(visual, lm.encode_prompts(prompts), lm.encode_targets(targets))
 
@@ -88,9 +97,7 @@ class VLM(nn.Module):
                  image_index: torch.Tensor | None = None, **options) -> list[str]:
         """Text for each prompt; `pixels` and `image_index` as in `forward`. `options` go to
         `LanguageModel.generate` (min_new_tokens, num_beams, streamer=a transformers streamer for one prompt)."""
-        visual = self.visual_tokens(pixels)
-        if image_index is not None:
-            visual = visual[image_index.to(visual.device)]
+        visual = self.visual_tokens(pixels, None, image_index, prompts)
         lm = self.language
         return lm.generate(visual, lm.encode_prompts(prompts), max_new_tokens, **options)
 
@@ -133,6 +140,8 @@ class VLM(nn.Module):
                 getattr(self, name).save(directory / name)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.connector.state_dict().items()}
         save_file(state, directory / CONNECTOR_FILE)
+        if hasattr(self.connector, "save_config"):  # a transformers Q-Former: its config (+ tokenizer) beside
+            self.connector.save_config(directory / CONNECTOR_DIR)
 
     def merge_adapters(self) -> list[str]:
         """Folds each part's LoRA/DoRA adapter into its base weights, in place; returns the parts merged.
@@ -151,7 +160,14 @@ class VLM(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", revision: str = "") -> VLM:
         """Loads a saved model: a `model/` directory, a run directory that holds one, or a hub id (`user/repo`,
-        at `revision`) of a model `vlmlab export --push-to-hub` uploaded; offline (HF_HUB_OFFLINE=1) the hub cache."""
+        at `revision`) of a model `vlmlab export --push-to-hub` uploaded; offline (HF_HUB_OFFLINE=1) the hub cache.
+        A BLIP-2 / InstructBLIP transformers checkpoint (path or hub id) loads as it is, every part frozen
+        (`blip2.as_is_config`)."""
+        if is_checkpoint(str(directory), revision):
+            config = as_is_config(str(directory), revision)
+            model = build_vlm(config)
+            record(config)  # which weights these are, for metrics.json
+            return model.to(resolve_device(device)).eval()
         directory = _hub_snapshot(directory, revision)
         if (directory / "model" / CONFIG_FILE).is_file():  # a run directory (it has a config.yaml of its own)
             directory = directory / "model"
@@ -162,6 +178,8 @@ class VLM(nn.Module):
         for part in ("vision", "language"):
             if not saved_by_reference(getattr(config, part)):
                 getattr(parts, part).model, getattr(parts, part).revision = str(directory / part), ""
+        if (directory / CONNECTOR_DIR).is_dir():  # a transformers Q-Former: built from its saved config
+            parts.connector.init = str(directory / CONNECTOR_DIR)
         model = build_vlm(parts)
         model.config = config
         # A saved model must be complete: weights missing from a part, or a connector built by config.yaml that

@@ -5,13 +5,17 @@ from vlmlab.config import ConfigError, ConnectorConfig
 from vlmlab.connectors import CONNECTORS, build_connector
 
 
-@pytest.mark.parametrize("kind", list(CONNECTORS))
+# instructblip needs a pretrained Q-Former's tokenizer (connector.init): test_blip2.py builds it
+BUILT_ALONE = [kind for kind in CONNECTORS if kind != "instructblip"]
+
+
+@pytest.mark.parametrize("kind", BUILT_ALONE)
 def test_contract_b_n_dv_to_b_m_dl(kind):
     cfg = ConnectorConfig(kind=kind, num_queries=5, hidden_size=32, num_layers=2, num_heads=4)
     connector = build_connector(cfg, vision_dim=24, lm_dim=40, num_features=17)
     features = torch.randn(3, 17, 24)
     tokens = connector(features)
-    expected_m = 5 if kind in ("qformer", "perceiver") else 17
+    expected_m = 5 if kind in ("qformer", "perceiver", "blip2") else 17
     assert tokens.shape == (3, expected_m, 40)
     # Each example's tokens depend on its own features only.
     changed = features.clone()
@@ -33,7 +37,7 @@ def test_unknown_connector_lists_valid_ones():
         build_connector(ConnectorConfig(kind="resampler"), 8, 8, 4)
 
 
-@pytest.mark.parametrize("kind", list(CONNECTORS))
+@pytest.mark.parametrize("kind", BUILT_ALONE)
 def test_positioned_features_differ_by_cell_once_positions_are_learned(kind):
     cfg = ConnectorConfig(kind=kind, num_queries=4, hidden_size=32, num_layers=1, num_heads=4)
     torch.manual_seed(0)
@@ -46,6 +50,7 @@ def test_positioned_features_differ_by_cell_once_positions_are_learned(kind):
         assert torch.allclose(connector(features)[0, 0], connector(moved)[0, 5], atol=1e-6)
     with torch.no_grad():
         connector.positions.normal_()  # what training does to them, in one go
-    assert not torch.allclose(connector(features), connector(moved), atol=1e-4)
+    # BLIP-2's initialiser (std 0.02) leaves a fresh Q-Former's output only slightly moved by the image
+    assert not torch.allclose(connector(features), connector(moved), atol=1e-6 if kind == "blip2" else 1e-4)
     if kind in ("mlp", "linear"):  # a ViT's tokens carry their own positions: LLaVA's connector maps them as they are
         assert build_connector(cfg, vision_dim=8, lm_dim=8, num_features=16).positions is None

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 from transformers import (
     AutoModel,
+    Blip2VisionModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    InstructBlipVisionModel,
     ResNetConfig,
     ResNetModel,
     SiglipVisionConfig,
@@ -22,6 +24,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import ImageProcessingMixin
 
+from vlmlab.blip2 import family_of, load_half
 from vlmlab.config import VisionConfig
 from vlmlab.loading import pretrained_config, pretrained_model
 from vlmlab.registry import lookup
@@ -63,6 +66,9 @@ VISION_HALF_OF = {
     "clip_vision_model": CLIPVisionModel,
     "siglip": SiglipVisionModel,
     "siglip_vision_model": SiglipVisionModel,
+    # a BLIP-2 / InstructBLIP tower saved alone (a whole checkpoint's is loaded by blip2.load_half)
+    "blip_2_vision_model": Blip2VisionModel,
+    "instructblip_vision_model": InstructBlipVisionModel,
 }
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -171,9 +177,12 @@ class VisionTower(nn.Module):
 
 
 def _pretrained_tower(name: str, trust_remote_code: bool, revision: str) -> tuple[nn.Module, list[float], list[float]]:
-    model_type = pretrained_config("vision.model", name, trust_remote_code, revision).model_type
-    model_class = VISION_HALF_OF.get(model_type, AutoModel)
-    model = pretrained_model(model_class, "vision.model", name, trust_remote_code, revision)
+    config = pretrained_config("vision.model", name, trust_remote_code, revision)
+    if family_of(config) is not None:  # a whole BLIP-2 / InstructBLIP checkpoint: its ViT
+        model = load_half(config, "vision", "vision.model", name, trust_remote_code, revision)
+    else:
+        model_class = VISION_HALF_OF.get(config.model_type, AutoModel)
+        model = pretrained_model(model_class, "vision.model", name, trust_remote_code, revision)
     try:
         processor = ImageProcessingMixin.get_image_processor_dict(name, revision=revision or None)[0]
     except OSError:  # a tower saved without preprocessing: the ImageNet statistics most towers were trained on
