@@ -145,6 +145,9 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
         "caption": real["caption"],
         "empty_output_rate": real["empty_output_rate"],
         "prompt": describe_prompts(cfg.data),
+        # decoding moves scores as much as the prompt does (greedy vs beam 5): recorded beside it
+        "decoding": {"max_new_tokens": ev.max_new_tokens, "caption_max_new_tokens": ev.caption_max_new_tokens,
+                     "min_new_tokens": ev.min_new_tokens, "num_beams": ev.num_beams, "do_sample": False},
         "notes": [CIDER_NOTE] if real["caption"] else [],
     }
     records = [

@@ -3,6 +3,8 @@
 prompts (through the family's processor); a training step moves only what trains; save -> load gives the same
 outputs; `connector.init` loads a Q-Former into a recipe whose tower is of another width, or starts from BERT."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,7 @@ from transformers import (
 )
 
 from vlmlab.blip2 import QFORMER_TOKENIZER, as_is_config
+from vlmlab.cli import main
 from vlmlab.config import Config, ConfigError, apply_overrides
 from vlmlab.model import VLM, build_vlm
 from vlmlab.prompts import format_prompt
@@ -171,3 +174,34 @@ def test_a_vlmlab_qformer_refuses_init():
     cfg = apply_overrides(Config(), ["connector.init=somewhere"])
     with pytest.raises(ConfigError, match="set connector.kind to one of blip2, instructblip"):
         build_vlm(cfg, TEXT)
+
+
+def test_cli_evaluates_a_checkpoint_with_its_prompt_decoding_and_the_shuffled_control(checkpoint, tmp_path, capsys):
+    folder, _, _ = checkpoint
+    lines = []
+    for i, (image, question) in enumerate(zip(_images() * 2, ["what colour?", "how many?", "what shape?", "where?"])):
+        image.save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": question, "answers": ["red"] * 10}))
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--model", str(folder), "--data", str(tmp_path / "eval.jsonl"), "--out", str(out),
+                 "eval.caption_metrics=false"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_vqa_examples"] == 4 and "vqa_accuracy_shuffled_images" in metrics
+    assert metrics["prompt"]["vqa"]["template"] == "Question: {question} Short answer:"
+    assert metrics["decoding"] == {"max_new_tokens": 10, "caption_max_new_tokens": 32, "min_new_tokens": 1,
+                                   "num_beams": 5, "do_sample": False}
+    assert metrics["weights"]["language"]["resolved"].startswith("sha256:")  # which weights were evaluated
+    capsys.readouterr()
+    assert main(["ask", "--model", str(folder), str(tmp_path / "0.png"), "what colour?"]) == 0
+    assert main(["caption", "--model", str(folder), str(tmp_path / "0.png")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["image"].endswith("0.png")
+    assert main(["diagnose", "--model", str(folder), "--data", str(tmp_path / "eval.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] in ("uses_image", "ignores_image", "collapsed")
+
+
+def test_every_part_can_be_adapted(checkpoint):
+    folder, _, _ = checkpoint
+    model = build_vlm(apply_overrides(as_is_config(str(folder)), ["vision.train=dora", "language.train=lora"]))
+    for part in (model.vision, model.language):
+        assert any("lora_" in name for name, p in part.named_parameters() if p.requires_grad)

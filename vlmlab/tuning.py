@@ -33,6 +33,8 @@ _LLAMA_STYLE = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)", "mlp":
 # Only the encoder's layers: SigLIP's pooling head has linears of the same names, and vlmlab never uses its output.
 _VIT_STYLE = {"attention": r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
               "mlp": r"encoder\.layers\.\d+\.mlp\.(fc1|fc2)"}
+_BLIP_VIT = {"attention": r"encoder\.layers\.\d+\.self_attn\.(qkv|projection)",
+             "mlp": r"encoder\.layers\.\d+\.mlp\.(fc1|fc2)"}
 # Per family (`config.model_type`): patterns for the end of a module's path (joined into one regex for peft).
 LORA_TARGETS = {
     # T5 / Flan-T5: self- and cross-attention projections q, k, v, o; feed-forward wi (wi_0, wi_1 when gated), wo.
@@ -44,6 +46,11 @@ LORA_TARGETS = {
     "mistral": _LLAMA_STYLE,
     "clip_vision_model": _VIT_STYLE,
     "siglip_vision_model": _VIT_STYLE,
+    # BLIP-2's / InstructBLIP's ViT (EVA): one fused qkv projection per block
+    "blip_2_vision_model": _BLIP_VIT,
+    "instructblip_vision_model": _BLIP_VIT,
+    # OPT (BLIP-2's decoder-only LMs): its feed-forward fc1, fc2 sit in the decoder layer itself
+    "opt": {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)", "mlp": r"layers\.\d+\.(fc1|fc2)"},
 }
 # GPT-2 stores its linear layers as transformers' Conv1D, weight [in, out], the transpose of nn.Linear's.
 FAN_IN_FAN_OUT = {"gpt2"}
