@@ -71,7 +71,8 @@ def family_of(config) -> Family | None:
 
 
 # -- the vision and language parts, loaded alone from the whole checkpoint ---------------------------------------
-def load_half(config, part: str, key: str, name: str, trust_remote_code: bool, revision: str) -> nn.Module:
+def load_part(config, part: str, key: str, name: str, trust_remote_code: bool, revision: str,
+              dtype: torch.dtype = torch.float32) -> nn.Module:
     """The vision model (`part="vision"`) or LM (`"language"`) of the BLIP-2-family checkpoint `name` whose
     config is `config`: its weights under `vision_model.` / `language_model.`, the rest of the file left unread."""
     family = family_of(config)
@@ -84,7 +85,7 @@ def load_half(config, part: str, key: str, name: str, trust_remote_code: bool, r
     hf_logging.set_verbosity_error()  # else a report lists every weight of the other parts as unexpected
     try:
         model = pretrained_model(model_class, key, name, trust_remote_code, revision, config=sub_config,
-                                 key_mapping={rf"^{prefix}\.": ""})
+                                 key_mapping={rf"^{prefix}\.": ""}, dtype=dtype)
     finally:
         hf_logging.set_verbosity(level)
     if model.loading_info["missing_keys"]:
@@ -193,11 +194,19 @@ def build_qformer_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int,
             raise ConfigError("connector.kind=instructblip reads the prompt with the tokenizer of a pretrained "
                               "Q-Former: set connector.init= to an InstructBLIP checkpoint")
         tokenizer = _qformer_tokenizer(cfg.init)
-    connector = QFormerConnector(family.qformer(_qformer_config(cfg, family, vision_dim)), cfg.num_queries, lm_dim,
-                                 tokenizer, positions)
+    connector = qformer_connector(cfg, vision_dim, lm_dim, tokenizer, positions)
     if cfg.init:
         _load_init(connector, cfg.init)
     return connector
+
+
+def qformer_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, tokenizer=None,
+                      positions: nn.Parameter | None = None) -> QFormerConnector:
+    """A connector of `cfg`'s shape (checked against `cfg.init`'s when set), weights fresh; `plan` builds it on the
+    meta device with `cfg.init` cleared, so that nothing is read."""
+    family = BY_CONNECTOR[cfg.kind]
+    qformer = family.qformer(_qformer_config(cfg, family, vision_dim))
+    return QFormerConnector(qformer, cfg.num_queries, lm_dim, tokenizer, positions)
 
 
 def _qformer_tokenizer(name: str):
@@ -284,24 +293,41 @@ def _summarise(keys: list[str]) -> str:
 
 
 # -- a whole checkpoint as a vlmlab model --------------------------------------------------------------------------
-def as_is_config(name: str, revision: str = "") -> Config:
+def half_precision(device: torch.device) -> str:
+    """The `<part>.dtype` frozen parts take on `device`: bf16 where the GPU has it, fp16 on other GPUs (a T4),
+    fp32 on a CPU (whose half-precision kernels are slow or missing)."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def as_is_config(name: str, revision: str = "", dtype: str = "fp32") -> Config:
     """The vlmlab config that evaluates BLIP-2 / InstructBLIP checkpoint `name` as it was published: every part
-    from it, frozen; its own image processor; its authors' VQAv2 prompt and decoding (beam 5, 1-10 new tokens)."""
+    from it, frozen, its vision and language weights in `dtype`; its own image processor; its authors' VQAv2
+    prompt and decoding (beam 5, 1-10 new tokens)."""
     checkpoint = pretrained_config("--model", name, False, revision)
     family = family_of(checkpoint)
     if family is None:
         raise ConfigError(f"{name}: a {checkpoint.model_type!r} checkpoint, not a vlmlab model nor one of "
                           f"{', '.join(FAMILIES)}")
+    qformer = checkpoint.qformer_config
+    connector = ConnectorConfig(kind=family.connector, num_queries=checkpoint.num_query_tokens,
+                                hidden_size=qformer.hidden_size, num_layers=qformer.num_hidden_layers,
+                                num_heads=qformer.num_attention_heads, dropout=0.0, init=name,
+                                cross_attention_every=qformer.cross_attention_frequency)
+    return checkpoint_config(name, connector, *family_prompts(name, checkpoint, revision), revision, dtype)
+
+
+def checkpoint_config(name: str, connector: ConnectorConfig, vqa_prompt: str = VQA_PROMPT, caption_prompt: str = "",
+                      revision: str = "", dtype: str = "fp32") -> Config:
+    """Every part from checkpoint `name`, vision and LM frozen in `dtype`, the Q-Former `connector`; its image
+    processor, prompts and its authors' decoding (beam 5, 1 to 10 new tokens). The presets write `connector` out."""
     cfg = Config()
     for part in (cfg.vision, cfg.language):
-        part.model, part.revision, part.train = name, revision, "frozen"
-    qformer = checkpoint.qformer_config
-    cfg.connector = ConnectorConfig(kind=family.connector, num_queries=checkpoint.num_query_tokens,
-                                    hidden_size=qformer.hidden_size, num_layers=qformer.num_hidden_layers,
-                                    num_heads=qformer.num_attention_heads, dropout=0.0, init=name,
-                                    cross_attention_every=qformer.cross_attention_frequency)
+        part.model, part.revision, part.train, part.dtype = name, revision, "frozen", dtype
+    cfg.connector = connector
     cfg.data.image_processor = name  # its own resizing (224 px, bicubic); the tower normalises as it did
-    cfg.data.prompt, cfg.data.caption_prompt = family_prompts(name, checkpoint, revision)
+    cfg.data.prompt, cfg.data.caption_prompt = vqa_prompt, caption_prompt
     cfg.language.max_prompt_tokens = 128
     cfg.eval.num_beams, cfg.eval.min_new_tokens, cfg.eval.max_new_tokens = 5, 1, 10
     return cfg

@@ -224,9 +224,12 @@ def _quiet_libraries() -> None:
 
 def _train(args) -> int:
     from vlmlab.config import apply_overrides, merge_config_file
-    from vlmlab.presets import get_preset
+    from vlmlab.presets import EVAL_ONLY, get_preset
     from vlmlab.train import train
 
+    if args.preset in EVAL_ONLY:
+        raise ValueError(f"--preset {args.preset} is evaluated as published, not trained: vlmlab eval --model "
+                         f"{EVAL_ONLY[args.preset]} (or train --preset instructblip-finetune)")
     if args.resume:
         if args.preset or args.config or args.overrides:
             raise ValueError("--resume continues the run as it was configured: drop --preset, --config and overrides")

@@ -37,6 +37,7 @@ class VisionConfig:
     num_heads: int = 4  # tiny ViT only
     trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
     revision: str = ""  # hub branch, tag or commit of vision.model ("": the default branch); a local path has none
+    dtype: str = "fp32"  # its weights: fp32 | fp16 | bf16 (half: frozen / LoRA / DoRA bases only, half the memory)
     # Written by vlmlab, not an option: what vision.model resolved to when the run began, `commit:<hub commit>` or
     # `sha256:<hash of the local folder's files>` ("": built from scratch). Loading a saved model compares it.
     resolved: str = ""
@@ -84,6 +85,7 @@ class LanguageConfig:
     train_padding_as_eos: bool = False
     trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
     revision: str = ""  # hub branch, tag or commit of language.model ("": the default branch); a local path has none
+    dtype: str = "fp32"  # its weights: fp32 | fp16 | bf16 (half: frozen / LoRA / DoRA bases only, half the memory)
     # Written by vlmlab, not an option: what language.model resolved to when the run began, `commit:<hub commit>` or
     # `sha256:<hash of the local folder's files>` ("": built from scratch). Loading a saved model compares it.
     resolved: str = ""

@@ -34,10 +34,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from vlmlab.blip2 import family_of, load_half
+from vlmlab.blip2 import family_of, load_part
 from vlmlab.config import LanguageConfig
 from vlmlab.fusion import FUSION_FILE, build_fusion
-from vlmlab.loading import pretrained_config, pretrained_model, pretrained_tokenizer
+from vlmlab.loading import WEIGHT_DTYPES, pretrained_config, pretrained_model, pretrained_tokenizer
 from vlmlab.registry import lookup
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -214,6 +214,8 @@ class LanguageModel(nn.Module):
     def _rows(self, visual: torch.Tensor, token_rows: list[list[int]]) -> list[torch.Tensor]:
         """[visual_i; embed(tokens_i)] per example: `[M + Ti, D]` (`[Ti, D]` with cross-attention fusion)."""
         embed = self.model.get_input_embeddings()
+        if embed.weight.dtype != torch.float32:  # an LM kept in half precision (language.dtype) reads its own dtype
+            visual = visual.to(embed.weight.dtype)
         flat = torch.tensor([t for row in token_rows for t in row], dtype=torch.long, device=visual.device)
         pieces = [piece.to(visual.dtype) for piece in embed(flat).split([len(row) for row in token_rows])]
         if self.fusion is not None:
@@ -326,8 +328,8 @@ class LanguageModel(nn.Module):
             save_file(state, Path(directory) / FUSION_FILE)
 
 
-def load_pretrained(name: str, trust_remote_code: bool = False,
-                    revision: str = "") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_pretrained(name: str, trust_remote_code: bool = False, revision: str = "",
+                    dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A hub name or local path (at hub `revision`) -> (LM, tokenizer); the LM class follows the checkpoint's config."""
     config = pretrained_config("language.model", name, trust_remote_code, revision)
     tokenizer = pretrained_tokenizer("language.model", name, trust_remote_code, revision)
@@ -335,19 +337,19 @@ def load_pretrained(name: str, trust_remote_code: bool = False,
         # GPT-2 ships no pad token. Reusing EOS is harmless here: labels never come from comparing ids with pad.
         tokenizer.pad_token = tokenizer.eos_token
     if family_of(config) is not None:  # a whole BLIP-2 / InstructBLIP checkpoint: its LM and tokenizer
-        return load_half(config, "language", "language.model", name, trust_remote_code, revision), tokenizer
+        return load_part(config, "language", "language.model", name, trust_remote_code, revision, dtype), tokenizer
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return pretrained_model(model_class, "language.model", name, trust_remote_code, revision), tokenizer
+    return pretrained_model(model_class, "language.model", name, trust_remote_code, revision, dtype=dtype), tokenizer
 
 
 def build_language(cfg: LanguageConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:
     """Loads `cfg.model`, or builds a tiny LM of `cfg.family` around `tokenizer` (trained on the data)."""
     if cfg.model:
-        model, tokenizer = load_pretrained(cfg.model, cfg.trust_remote_code, cfg.revision)
+        model, tokenizer = load_pretrained(cfg.model, cfg.trust_remote_code, cfg.revision, WEIGHT_DTYPES[cfg.dtype])
     else:
         if tokenizer is None:
             raise ValueError("a tiny language model needs a tokenizer trained on the data")
-        model = lookup(TINY_FAMILIES, cfg.family, "tiny language family")(cfg, tokenizer)
+        model = lookup(TINY_FAMILIES, cfg.family, "tiny language family")(cfg, tokenizer).to(WEIGHT_DTYPES[cfg.dtype])
     language = LanguageModel(model, tokenizer, cfg)
     saved_fusion = Path(cfg.model) / FUSION_FILE if cfg.model else None
     if language.fusion is not None and saved_fusion is not None and saved_fusion.is_file():

@@ -22,6 +22,11 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 
+# `<part>.dtype`: the dtype a part's weights are loaded in. A half-precision base must not train (mixed precision
+# keeps the weights that train in fp32); a frozen one takes half the memory, as BLIP-2 on a T4 needs.
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class CheckpointError(ValueError):
     """Saved weights that do not fit the architecture they are loaded into; the message says where and how."""
 

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from vlmlab.blip2 import as_is_config, is_checkpoint
+from vlmlab.blip2 import as_is_config, half_precision, is_checkpoint
 from vlmlab.config import Config, ConfigError, load_config, save_config
 from vlmlab.connectors import build_connector
 from vlmlab.images import ImagePrep, load_image, num_views
@@ -72,8 +72,9 @@ class VLM(nn.Module):
         runs once per example, on `prompts`, after the pick; any other once per image, before it."""
         if features is None:
             features = self.vision(pixels.to(self.device, non_blocking=True))
-        else:  # stored in fp16; the connector computes in its own dtype (autocast lowers it where asked)
-            features = features.to(self.device, next(self.connector.parameters()).dtype, non_blocking=True)
+        # cached features are stored in fp16, a half-precision tower (vision.dtype) gives its own: the connector
+        # computes in its dtype (autocast lowers it where asked)
+        features = features.to(self.device, next(self.connector.parameters()).dtype, non_blocking=True)
         if getattr(self.connector, "reads_prompt", False):
             if image_index is not None:
                 features = features[image_index.to(features.device)]  # [B, N, Dv]
@@ -153,7 +154,8 @@ class VLM(nn.Module):
         for name in ("vision", "language"):
             if is_adapted(getattr(self, name).model):
                 merge_adapter(getattr(self, name))
-                getattr(self.config, name).train = "full"
+                getattr(self, name).model.float()  # a part that may train in full again keeps fp32 weights
+                getattr(self.config, name).train, getattr(self.config, name).dtype = "full", "fp32"
                 merged.append(name)
         return merged
 
@@ -164,7 +166,7 @@ class VLM(nn.Module):
         A BLIP-2 / InstructBLIP transformers checkpoint (path or hub id) loads as it is, every part frozen
         (`blip2.as_is_config`)."""
         if is_checkpoint(str(directory), revision):
-            config = as_is_config(str(directory), revision)
+            config = as_is_config(str(directory), revision, half_precision(resolve_device(device)))
             model = build_vlm(config)
             record(config)  # which weights these are, for metrics.json
             return model.to(resolve_device(device)).eval()
@@ -228,12 +230,15 @@ def build_vlm(config: Config, texts: Iterable[str] | None = None) -> VLM:
     return assemble_vlm(vision, language, config)
 
 
-def assemble_vlm(vision: VisionTower, language: LanguageModel, config: Config) -> VLM:
-    """Adds the connector that fits `vision` to `language`, and sets how each part trains (tuning.py)."""
-    num_features, vision_dim, grid = vision.feature_layout()
-    num_features *= num_views(config.data)  # image splitting: the views' features are concatenated along N
-    positioned = grid is not None  # a convnet's features say nothing of where they were
-    connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features, positioned)
+def assemble_vlm(vision: VisionTower, language: LanguageModel, config: Config,
+                 connector: nn.Module | None = None) -> VLM:
+    """Adds the connector that fits `vision` to `language` (or `connector`, built already), and sets how each part
+    trains (tuning.py)."""
+    if connector is None:
+        num_features, vision_dim, grid = vision.feature_layout()
+        num_features *= num_views(config.data)  # image splitting: the views' features are concatenated along N
+        positioned = grid is not None  # a convnet's features say nothing of where they were
+        connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features, positioned)
     model = VLM(vision, connector, language, config)
     for part in ("vision", "language"):
         apply_tuning(getattr(model, part), getattr(config, part), part)

@@ -19,6 +19,7 @@ slack (~10%) are added on top before comparing with the GPU's memory.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +36,22 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    Blip2Config,
     CLIPVisionConfig,
     GPT2Config,
+    InstructBlipConfig,
     LlamaConfig,
     SiglipVisionConfig,
     T5Config,
 )
 
+from vlmlab.blip2 import BY_CONNECTOR, family_of, qformer_connector
 from vlmlab.config import Config, ConfigError
 from vlmlab.feature_cache import cache_wanted
 from vlmlab.language import LanguageModel
-from vlmlab.loading import pretrained_config
+from vlmlab.loading import WEIGHT_DTYPES, pretrained_config
 from vlmlab.model import VLM, assemble_vlm
+from vlmlab.presets import EVAL_ONLY
 from vlmlab.registry import lookup
 from vlmlab.tokenizer import train_tokenizer
 from vlmlab.tuning import check_modes, enable_gradient_checkpointing
@@ -84,6 +89,13 @@ def _vit(config_class, width: int, layers: int, heads: int, image: int, patch: i
                         num_attention_heads=heads, image_size=image, patch_size=patch)
 
 
+def _blip2(config_class, text: T5Config, **qformer):
+    # Salesforce's BLIP-2 / InstructBLIP: EVA ViT-g/14 at 224 px, its last of 40 blocks dropped (1408 wide,
+    # 39 blocks: transformers' vision defaults), a BERT-base Q-Former (cross-attention every 2nd layer) with 32
+    # queries, an LM; InstructBLIP's Q-Former also embeds text: BERT's vocabulary and a [DEC] token.
+    return config_class(text_config=text.to_dict(), qformer_config=qformer, num_query_tokens=32)
+
+
 # The architectures of the presets' hub checkpoints, so that planning needs no download.
 KNOWN_ARCHITECTURES = {
     "openai/clip-vit-large-patch14": lambda: _vit(CLIPVisionConfig, 1024, 24, 16, 224, 14),
@@ -92,6 +104,9 @@ KNOWN_ARCHITECTURES = {
     "google/flan-t5-small": lambda: _t5(512, 1024, 8, 6),
     "google/flan-t5-base": lambda: _t5(768, 2048, 12, 12),
     "google/flan-t5-large": lambda: _t5(1024, 2816, 24, 16),
+    "Salesforce/blip2-flan-t5-xl": lambda: _blip2(Blip2Config, _t5(2048, 5120, 24, 32)),
+    "Salesforce/instructblip-flan-t5-xl": lambda: _blip2(InstructBlipConfig, _t5(2048, 5120, 24, 32),
+                                                         vocab_size=30523),
     "gpt2": lambda: GPT2Config(),
     "HuggingFaceTB/SmolLM2-135M-Instruct": lambda: LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -100,7 +115,8 @@ KNOWN_ARCHITECTURES = {
 }
 
 
-OWN_OUTPUT_LAYER = {"google/flan-t5-small", "google/flan-t5-base", "google/flan-t5-large"}
+OWN_OUTPUT_LAYER = {"google/flan-t5-small", "google/flan-t5-base", "google/flan-t5-large",
+                    "Salesforce/blip2-flan-t5-xl", "Salesforce/instructblip-flan-t5-xl"}
 
 
 def architecture(key: str, name: str, trust_remote_code: bool, revision: str = ""):
@@ -112,15 +128,17 @@ def architecture(key: str, name: str, trust_remote_code: bool, revision: str = "
 
 def _vision_from_architecture(cfg) -> VisionTower:
     config = architecture("vision.model", cfg.model, cfg.trust_remote_code, cfg.revision)
+    config = getattr(config, "vision_config", config)  # a dual encoder (CLIP, SigLIP) or BLIP-2: its vision half
     model_class = VISION_HALF_OF.get(config.model_type)
-    config = getattr(config, "vision_config", config)  # a dual encoder (CLIP, SigLIP): its vision half
-    model = model_class(config) if model_class else AutoModel.from_config(config)
+    model = (model_class(config) if model_class else AutoModel.from_config(config)).to(WEIGHT_DTYPES[cfg.dtype])
     image_size = getattr(config, "image_size", None) or cfg.image_size
     return VisionTower(model, cfg.feature_layer, image_size, [0.5] * 3, [0.5] * 3)  # statistics: no memory role
 
 
 def _language_from_architecture(cfg) -> LanguageModel:
     config = architecture("language.model", cfg.model, cfg.trust_remote_code, cfg.revision)
+    if family_of(config) is not None:  # a whole BLIP-2 / InstructBLIP checkpoint: its LM
+        config = config.text_config
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     # The step below feeds token ids, never text: the tokenizer is asked only for an EOS id, so a local one will do.
     tokenizer = train_tokenizer(["Question: Answer:"], 300)
@@ -130,7 +148,28 @@ def _language_from_architecture(cfg) -> LanguageModel:
         # transformers 5 builds T5 from a bare config with its output layer tied to the input embedding, and
         # unties it only when the checkpoint's weights hold one of their own, as Flan-T5's do.
         output.weight = nn.Parameter(torch.empty_like(embedding.weight))
+    _to_dtype(model, WEIGHT_DTYPES[cfg.dtype])
     return LanguageModel(model, tokenizer, cfg)
+
+
+def _to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """`model` in `dtype` as from_pretrained(dtype=) loads it: in fp16 its `_keep_in_fp32_modules` stay fp32."""
+    model.to(dtype)
+    if dtype == torch.float16:
+        keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+        for path, module in model.named_modules():
+            if path.rpartition(".")[2] in keep:
+                module.float()
+
+
+def _connector_from_architecture(cfg: Config, vision: VisionTower, language: LanguageModel) -> nn.Module | None:
+    """A transformers Q-Former of the config's shape, `connector.init` left unread (assemble_vlm builds the rest)."""
+    family = BY_CONNECTOR.get(cfg.connector.kind)
+    if family is None:
+        return None
+    tokenizer = train_tokenizer(["Question: Answer:"], 300) if family.reads_prompt else None  # as for the LM
+    _, vision_dim, _ = vision.feature_layout()
+    return qformer_connector(dataclasses.replace(cfg.connector, init=""), vision_dim, language.hidden_size, tokenizer)
 
 
 def _has_own_output_layer(name: str) -> bool:
@@ -153,7 +192,8 @@ def build_from_architecture(cfg: Config, device: str = "meta") -> VLM:
             raise ConfigError(f"plan needs a pretrained {part} part ({part}.model=); the tiny from-scratch parts "
                               f"are meant for a CPU")
     with torch.device(device):
-        return assemble_vlm(_vision_from_architecture(cfg.vision), _language_from_architecture(cfg.language), cfg)
+        vision, language = _vision_from_architecture(cfg.vision), _language_from_architecture(cfg.language)
+        return assemble_vlm(vision, language, cfg, _connector_from_architecture(cfg, vision, language))
 
 
 class PeakMemory(TorchDispatchMode):
@@ -357,6 +397,18 @@ def plan(cfg: Config, gpu_name: str) -> dict:
     }
 
 
+def _eval_lines(name: str, result: dict) -> list[str]:
+    gpu, weights = GPUS[result["gpu"]], result["static_gib"]["weights"]
+    needed = round(weights * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB, 2)
+    verdict = "fits" if needed <= gpu.memory_gib else "does not fit"
+    lines = [f"{name} on {gpu.name} ({gpu.memory_gib} GiB): evaluation only, weights as the preset loads them"]
+    lines += [f"  {part:<9} {row['params_m']:8.1f}M params" for part, row in result["parts"].items()]
+    lines.append(f"  weights {weights} GiB, needs {needed} GiB with the CUDA context and allocator slack (generation's "
+                 f"activations not counted; an eval batch halves itself when memory runs out): {verdict}")
+    lines.append(f"evaluate: vlmlab eval --model {EVAL_ONLY[name]} --data vqav2:/data/vqa data.eval_size=5000")
+    return lines
+
+
 def _parts(model: VLM) -> dict:
     rows = {}
     for name in ("vision", "connector", "language"):
@@ -367,7 +419,10 @@ def _parts(model: VLM) -> dict:
 
 
 def plan_lines(name: str, result: dict) -> list[str]:
-    """The plan as text: parts, fixed memory, each candidate tried, and the command that trains with the proposal."""
+    """The plan as text: parts, fixed memory, each candidate tried, and the command that trains with the proposal
+    (for a preset that is only evaluated: whether its weights fit, and the command that evaluates it)."""
+    if name in EVAL_ONLY:
+        return _eval_lines(name, result)
     gpu = GPUS[result["gpu"]]
     scaler = " with a loss scaler" if result["precision"] == "fp16" else ""
     lines = [f"{name} on {gpu.name} ({gpu.memory_gib} GiB): {result['precision']}{scaler}"]

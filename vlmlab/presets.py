@@ -8,7 +8,8 @@ override: `vision.model=` and `language.model=` take a hub name or a local path.
 
 from __future__ import annotations
 
-from vlmlab.config import Config
+from vlmlab.blip2 import checkpoint_config
+from vlmlab.config import Config, ConnectorConfig
 from vlmlab.registry import lookup
 
 
@@ -148,6 +149,53 @@ def seed_gpt2_captions() -> Config:
     return cfg
 
 
+# The smallest published BLIP-2 / InstructBLIP with Flan-T5 (there is no -base: Flan-T5-XL and -XXL, OPT-2.7B and
+# -6.7B for BLIP-2, Vicuna-7B and -13B for InstructBLIP): 3.9B and 4.0B parameters, 32 queries of 768.
+BLIP2_XL = "Salesforce/blip2-flan-t5-xl"
+INSTRUCTBLIP_XL = "Salesforce/instructblip-flan-t5-xl"
+
+
+def _pretrained_qformer(kind: str, init: str, dropout: float) -> ConnectorConfig:
+    """The published checkpoints' Q-Former: BERT-base (12 layers of 768, 12 heads), cross-attention every 2nd."""
+    return ConnectorConfig(kind=kind, num_queries=32, hidden_size=768, num_layers=12, num_heads=12, dropout=dropout,
+                           cross_attention_every=2, init=init)
+
+
+def _vqav2(cfg: Config) -> Config:
+    """The recommended recipe's data, training and evaluation around `cfg`'s parts and prompts."""
+    recipe = recommended()
+    cfg.data.train, cfg.data.eval = recipe.data.train, recipe.data.eval
+    cfg.data.train_size, cfg.data.eval_size, cfg.data.captions = recipe.data.train_size, recipe.data.eval_size, False
+    cfg.train, cfg.eval.batch_size, cfg.eval.caption_metrics = recipe.train, recipe.eval.batch_size, False
+    cfg.language.max_target_tokens = recipe.language.max_target_tokens
+    return cfg
+
+
+def blip2_as_is() -> Config:
+    """Evaluation only: BLIP-2 Flan-T5-XL as published (its prompt, beam 5), fp16; `vlmlab eval --model` it."""
+    cfg = _vqav2(checkpoint_config(BLIP2_XL, _pretrained_qformer("blip2", BLIP2_XL, 0.0), dtype="fp16"))
+    cfg.train.feature_cache = "off"  # nothing is trained: no tower features to keep
+    return cfg
+
+
+def instructblip_finetune() -> Config:
+    """InstructBLIP Flan-T5-XL trained further: ViT frozen (fp16), Q-Former trained, Flan-T5-XL LoRA (fp16 base)."""
+    cfg = _vqav2(checkpoint_config(INSTRUCTBLIP_XL, _pretrained_qformer("instructblip", INSTRUCTBLIP_XL, 0.1),
+                                   dtype="fp16"))
+    cfg.language.train = "lora"
+    cfg.train.lr = 2e-5  # a fifth of the recommended recipe's, whose Q-Former starts from nothing
+    return cfg
+
+
+def recommended_pretrained_qformer() -> Config:
+    """The recommended recipe with BLIP-2's pretrained Q-Former (32 queries; new cross-attention inputs for CLIP-L)."""
+    cfg = recommended()
+    cfg.connector = _pretrained_qformer("blip2", BLIP2_XL, 0.1)
+    return cfg
+
+
+# Evaluated as published, never trained by vlmlab: `vlmlab train` refuses them, naming the command that evaluates.
+EVAL_ONLY = {"blip2-as-is": BLIP2_XL}
 # Built from scratch, no network: the synthetic world on a CPU.
 TINY_PRESETS = {"default": default, "tiny-qformer": tiny_qformer, "tiny-gpt2": tiny_gpt2, "tiny-llama": tiny_llama}
 # Pretrained parts from the hub at their real size, real datasets: a GPU.
@@ -159,6 +207,9 @@ REAL_PRESETS = {
     "recommended-siglip": recommended_siglip,
     "recommended-smollm2": recommended_smollm2,
     "seed-gpt2-captions": seed_gpt2_captions,
+    "blip2-as-is": blip2_as_is,
+    "instructblip-finetune": instructblip_finetune,
+    "recommended-pretrained-qformer": recommended_pretrained_qformer,
 }
 PRESETS = {**TINY_PRESETS, **REAL_PRESETS}
 

@@ -205,3 +205,17 @@ def test_every_part_can_be_adapted(checkpoint):
     model = build_vlm(apply_overrides(as_is_config(str(folder)), ["vision.train=dora", "language.train=lora"]))
     for part in (model.vision, model.language):
         assert any("lora_" in name for name, p in part.named_parameters() if p.requires_grad)
+
+
+def test_half_precision_bases_keep_the_trained_parts_in_fp32(checkpoint):
+    folder, _, _ = checkpoint
+    cfg = apply_overrides(as_is_config(str(folder), dtype="bf16"), ["language.train=lora"])
+    model = build_vlm(cfg)
+    assert model.vision.model.dtype == torch.bfloat16 and model.connector.query_tokens.dtype == torch.float32
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    prompts = [format_prompt(cfg.data, q) for q in QUESTIONS]
+    model(model.pixels_of(_images()), prompts, ["red", "two"]).backward()
+    assert all(p.grad is not None for p in model.connector.parameters())
+    assert all(model.eval().generate(model.pixels_of(_images()), prompts, **GREEDY))
+    with pytest.raises(ConfigError, match="language.dtype=bf16 with language.train=full"):
+        build_vlm(apply_overrides(cfg, ["language.train=full"]))

@@ -21,7 +21,17 @@ PUBLISHED_M = {
     "google/flan-t5-large": 783.2,
     "gpt2": 124.4,
     "HuggingFaceTB/SmolLM2-135M-Instruct": 134.5,
+    # BLIP-2 / InstructBLIP: EVA ViT-g/14 without its last block, Flan-T5-XL
+    "Salesforce/blip2-flan-t5-xl": {"vision": 985.9, "language": 2849.8},
+    "Salesforce/instructblip-flan-t5-xl": {"vision": 985.9, "language": 2849.8},
 }
+# Whole checkpoints as the hub lists them (vision + Q-Former and queries + projection + LM)
+PUBLISHED_TOTAL_M = {"Salesforce/blip2-flan-t5-xl": 3942, "Salesforce/instructblip-flan-t5-xl": 4023}
+
+
+def _published(name: str, part: str) -> float:
+    count = PUBLISHED_M[name]
+    return count[part] if isinstance(count, dict) else count
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -77,13 +87,28 @@ def test_real_presets_build_at_their_published_sizes(name):
     with model.vision.whole():  # the checkpoint's every block, those the feature layer sets aside included
         vision = sum(p.numel() for p in model.vision.parameters())
     language = sum(p.numel() for p in model.language.parameters() if not p.requires_grad or cfg.language.train == "full")
-    assert vision / 1e6 == pytest.approx(PUBLISHED_M[cfg.vision.model], rel=0.01)
-    assert language / 1e6 == pytest.approx(PUBLISHED_M[cfg.language.model], rel=0.01)
+    assert vision / 1e6 == pytest.approx(_published(cfg.vision.model, "vision"), rel=0.01)
+    assert language / 1e6 == pytest.approx(_published(cfg.language.model, "language"), rel=0.01)
+    if cfg.connector.init == cfg.language.model:  # the whole checkpoint
+        connector = sum(p.numel() for p in model.connector.parameters())
+        assert (vision + connector + language) / 1e6 == pytest.approx(PUBLISHED_TOTAL_M[cfg.language.model], rel=0.01)
     assert not any(p.requires_grad for p in model.vision.parameters())  # frozen towers in every recipe
     trainable = sum(p.numel() for p in model.language.parameters() if p.requires_grad)
     if cfg.language.train == "lora":
         assert 0 < trainable < 0.05 * language
-    assert model.connector.queries.shape[0] == cfg.connector.num_queries
+    queries = model.connector.query_tokens[0] if cfg.connector.init else model.connector.queries  # [M, D]
+    assert queries.shape[0] == cfg.connector.num_queries
+
+
+def test_the_blip2_presets_are_the_seeds_rows():
+    as_is, finetune = get_preset("blip2-as-is"), get_preset("instructblip-finetune")
+    assert (as_is.vision.train, as_is.language.train, as_is.eval.num_beams) == ("frozen", "frozen", 5)
+    assert (finetune.vision.train, finetune.language.train, finetune.connector.kind) == ("frozen", "lora",
+                                                                                        "instructblip")
+    assert format_prompt(finetune.data, "What color?") == "Question: What color? Short answer:"
+    pretrained = get_preset("recommended-pretrained-qformer")
+    assert _differences(pretrained, get_preset("recommended")).keys() == {
+        f"connector.{key}" for key in ("kind", "num_queries", "num_layers", "init")}
 
 
 def test_presets_are_listed_one_line_each():

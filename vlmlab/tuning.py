@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmlab.config import Config, ConfigError
-from vlmlab.loading import read_exact
+from vlmlab.loading import WEIGHT_DTYPES, read_exact
 from vlmlab.registry import lookup
 
 TUNING_MODES = ("full", "frozen", "lora", "dora")
@@ -67,6 +67,11 @@ def check_modes(config: Config) -> None:
         if section.train in ADAPTED and not pretrained:
             raise ConfigError(f"{part}.train={section.train} adapts a pretrained model: set {part}.model= to a hub "
                               f"name or a local path (a {part} part built from scratch trains in full)")
+        if section.dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"{part}.dtype={section.dtype!r} is not allowed; valid: {', '.join(WEIGHT_DTYPES)}")
+        if section.dtype != "fp32" and section.train == "full":
+            raise ConfigError(f"{part}.dtype={section.dtype} with {part}.train=full: weights that train stay fp32 "
+                              f"(mixed precision lowers the compute, not them); use it with frozen, lora or dora")
         if section.train in ADAPTED and (section.lora_rank < 1 or section.lora_alpha < 1
                                          or not 0 <= section.lora_dropout < 1):
             raise ConfigError(f"{part}.lora_rank={section.lora_rank}, lora_alpha={section.lora_alpha}, lora_dropout="

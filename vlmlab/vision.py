@@ -24,9 +24,9 @@ from transformers import (
 )
 from transformers.image_processing_utils import ImageProcessingMixin
 
-from vlmlab.blip2 import family_of, load_half
+from vlmlab.blip2 import family_of, load_part
 from vlmlab.config import VisionConfig
-from vlmlab.loading import pretrained_config, pretrained_model
+from vlmlab.loading import WEIGHT_DTYPES, pretrained_config, pretrained_model
 from vlmlab.registry import lookup
 
 def _tiny_vit(config_class, model_class):
@@ -66,7 +66,7 @@ VISION_HALF_OF = {
     "clip_vision_model": CLIPVisionModel,
     "siglip": SiglipVisionModel,
     "siglip_vision_model": SiglipVisionModel,
-    # a BLIP-2 / InstructBLIP tower saved alone (a whole checkpoint's is loaded by blip2.load_half)
+    # a BLIP-2 / InstructBLIP tower saved alone (a whole checkpoint's is loaded by blip2.load_part)
     "blip_2_vision_model": Blip2VisionModel,
     "instructblip_vision_model": InstructBlipVisionModel,
 }
@@ -176,13 +176,14 @@ class VisionTower(nn.Module):
         preprocessing.save_pretrained(directory)
 
 
-def _pretrained_tower(name: str, trust_remote_code: bool, revision: str) -> tuple[nn.Module, list[float], list[float]]:
+def _pretrained_tower(name: str, trust_remote_code: bool, revision: str,
+                      dtype: torch.dtype) -> tuple[nn.Module, list[float], list[float]]:
     config = pretrained_config("vision.model", name, trust_remote_code, revision)
     if family_of(config) is not None:  # a whole BLIP-2 / InstructBLIP checkpoint: its ViT
-        model = load_half(config, "vision", "vision.model", name, trust_remote_code, revision)
+        model = load_part(config, "vision", "vision.model", name, trust_remote_code, revision, dtype)
     else:
         model_class = VISION_HALF_OF.get(config.model_type, AutoModel)
-        model = pretrained_model(model_class, "vision.model", name, trust_remote_code, revision)
+        model = pretrained_model(model_class, "vision.model", name, trust_remote_code, revision, dtype=dtype)
     try:
         processor = ImageProcessingMixin.get_image_processor_dict(name, revision=revision or None)[0]
     except OSError:  # a tower saved without preprocessing: the ImageNet statistics most towers were trained on
@@ -192,9 +193,9 @@ def _pretrained_tower(name: str, trust_remote_code: bool, revision: str) -> tupl
 
 def build_vision(cfg: VisionConfig) -> VisionTower:
     if cfg.model:
-        model, mean, std = _pretrained_tower(cfg.model, cfg.trust_remote_code, cfg.revision)
+        model, mean, std = _pretrained_tower(cfg.model, cfg.trust_remote_code, cfg.revision, WEIGHT_DTYPES[cfg.dtype])
         image_size = getattr(model.config, "image_size", None) or cfg.image_size
     else:
-        model = lookup(TINY_FAMILIES, cfg.family, "tiny vision family")(cfg)
+        model = lookup(TINY_FAMILIES, cfg.family, "tiny vision family")(cfg).to(WEIGHT_DTYPES[cfg.dtype])
         mean, std, image_size = [0.5] * 3, [0.5] * 3, cfg.image_size
     return VisionTower(model, cfg.feature_layer, image_size, mean, std)
