@@ -92,6 +92,25 @@ class LanguageConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The built-in synthetic world's scenes. `generator=v1` (the default, for now) is the first world
+    (data/synthetic.py: 64 px squares, 1-3 shapes, one word); scatter and tiles draw world v2 (data/world.py)."""
+
+    generator: str = "v1"  # v1 | scatter (world v2) | tiles (world v2, a second, independently written generator)
+    # world v2 only, from here on
+    min_side: int = 48  # canvas sides in pixels, both within [min_side, max_side]
+    max_side: int = 192
+    max_aspect: float = 2.0  # width / height drawn (log-uniform) within [1 / max_aspect, max_aspect]
+    max_objects: int = 6  # 1..max_objects objects per scene
+    min_object: float = 0.12  # object side as a fraction of the canvas's short side: [min_object, max_object]
+    max_object: float = 0.6
+    backgrounds: str = "plain,noise,gradient"  # drawn uniformly from these
+    word_rate: float = 0.6  # share of scenes with words (1 or 2, each written on or under an object)
+    text_px: str = "8-11"  # font size range of the words, in canvas pixels (small type: resolution matters)
+    families: str = "general,text,knowledge"  # question families asked (captions: data.captions)
+
+
+@dataclass
 class DataConfig:
     train: str = "synthetic"  # dataset spec: a name (vqav2, coco-captions, ...), NAME:SOURCE, a JSONL path, a mixture
     eval: str = "synthetic"
@@ -108,6 +127,7 @@ class DataConfig:
     image_processor: str = ""  # a transformers image processor (hub name or path) that resizes instead
     image_split: bool = False  # Idefics2-style: 4 crops + the whole image, 5 views through the vision tower
     random_resize: float = 1.0  # training augmentation: shrink by a random factor in [this, 1]; 1: off
+    world: WorldConfig = field(default_factory=WorldConfig)  # the synthetic world's knobs: data.world.FIELD=value
 
 
 @dataclass
@@ -184,25 +204,54 @@ def _parse(text: str, kind: type, key: str):
 
 
 def set_field(cfg: Config, key: str, value) -> None:
-    """Sets `section.field` to `value` (a string is parsed to the field's type; anything else is type-checked)."""
+    """Sets `section.field` (or `section.subsection.field`) to `value`: a string is parsed to the field's type,
+    anything else is type-checked, and a mapping given for a subsection sets its fields one by one."""
     section_name, _, field_name = key.partition(".")
     if section_name not in SECTIONS:
         raise ConfigError(f"unknown config section in {key!r}; valid sections: {', '.join(SECTIONS)}")
     if not field_name:
         raise ConfigError(f"{key!r} names a section but no field; write {section_name}.field=value")
-    section = getattr(cfg, section_name)
+    _set(getattr(cfg, section_name), section_name, field_name, value)
+
+
+def _set(section, path: str, field_name: str, value) -> None:
+    name, _, rest = field_name.partition(".")
     kinds = typing.get_type_hints(type(section))
-    if field_name not in kinds:
-        raise ConfigError(f"unknown config key {key!r}; valid keys of {section_name}: {', '.join(kinds)}")
-    kind = kinds[field_name]
+    key = f"{path}.{name}"
+    if name not in kinds:
+        raise ConfigError(f"unknown config key {key + ('.' + rest if rest else '')!r}; "
+                          f"valid keys of {path}: {', '.join(kinds)}")
+    kind = kinds[name]
+    if dataclasses.is_dataclass(kind):
+        if rest:
+            return _set(getattr(section, name), key, rest, value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is a section; write {key}.field=value")
+        for sub_name, sub_value in value.items():
+            _set(getattr(section, name), key, str(sub_name), sub_value)
+        return
+    if rest:
+        raise ConfigError(f"unknown config key {key}.{rest!r}; {key} is a field, not a section")
     if isinstance(value, str) and kind is not str:
         value = _parse(value, kind, key)
     elif kind is float and type(value) is int:
         value = float(value)
     elif type(value) is not kind:
         raise ConfigError(f"{key} expects {kind.__name__}, got {value!r}")
-    setattr(section, field_name, value)
+    setattr(section, name, value)
 
+
+def flat_fields(cfg: Config) -> dict:
+    """The config as `section.field -> value`, subsections spelled out (`data.world.generator`)."""
+
+    def flatten(prefix: str, values: dict):
+        for name, value in values.items():
+            if isinstance(value, dict):
+                yield from flatten(f"{prefix}{name}.", value)
+            else:
+                yield f"{prefix}{name}", value
+
+    return dict(flatten("", cfg.to_dict()))
 
 # The smallest value each numeric field allows (checked by `validate`, before any work starts, so that a wrong
 # value is named at once instead of surfacing as a crash deep inside a library or as a silently broken run).
@@ -213,7 +262,7 @@ MINIMUM = {
     "language.hidden_size": 1, "language.num_layers": 1,
     "language.num_heads": 1, "language.max_prompt_tokens": 2, "language.max_target_tokens": 2,
     "data.train_images": 1, "data.eval_images": 1, "data.questions_per_image": 0, "data.train_size": 0,
-    "data.eval_size": 0,
+    "data.eval_size": 0, "data.world.min_side": 8, "data.world.max_objects": 1, "data.world.word_rate": 0.0,
     "train.max_steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.weight_decay": 0.0,
     "train.warmup_steps": 0, "train.num_workers": 0, "train.log_every": 1, "train.eval_every": 0,
     "train.eval_examples": 1, "train.save_every": 0, "train.max_bad_steps": 1,
@@ -222,14 +271,16 @@ MINIMUM = {
     "eval.max_examples": 0, "eval.batch_size": 1, "eval.max_new_tokens": 1, "eval.caption_max_new_tokens": 1,
     "eval.min_new_tokens": 0, "eval.num_beams": 1,
 }
-POSITIVE = ("train.lr", "train.grad_clip", "data.random_resize")
+POSITIVE = ("train.lr", "train.grad_clip", "data.random_resize", "data.world.min_object")
 CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.feature_cache": ("auto", "on", "off")}
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _value(cfg: Config, key: str):
-    section, _, name = key.partition(".")
-    return getattr(getattr(cfg, section), name)
+    value = cfg
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def _refuse(key: str, value, allowed: str) -> ConfigError:
@@ -267,6 +318,9 @@ def validate(cfg: Config) -> Config:
     from vlmlab.tracking import names
 
     names(cfg.train.report_to)
+    from vlmlab.data.world import check_world  # the world's registries of generators, backgrounds, families
+
+    check_world(cfg.data.world)
     return cfg
 
 

@@ -18,7 +18,8 @@ from vlmlab.data.batching import ExampleDataset
 from vlmlab.data.example import Example
 from vlmlab.faults import GenerationBatch, attempt
 from vlmlab.log import warn
-from vlmlab.metrics import JavaNotFoundError, accuracy_by, caption_metrics, vqa_accuracy
+from vlmlab.metrics import (JavaNotFoundError, accuracy_by, caption_metrics, family_average, majority_floor_by_type,
+                            vqa_accuracy)
 from vlmlab.prompts import describe_prompts, format_prompt
 from vlmlab.weights import described
 
@@ -116,6 +117,7 @@ def score(examples: list[Example], outputs: list[str | None], with_captions: boo
         "vqa_accuracy": sum(scores) / len(scores) if scores else None,
         "vqa_accuracy_by_type": accuracy_by((e.question_type, s) for e, s in scored),
         "vqa_accuracy_by_answer_type": accuracy_by((e.answer_type, s) for e, s in scored if e.answer_type),
+        "vqa_accuracy_by_family": accuracy_by((e.family, s) for e, s in scored if e.family),
         "empty_output_rate": sum(not o for _, o in answered) / len(answered) if answered else None,
         "caption": None,
     }
@@ -124,7 +126,17 @@ def score(examples: list[Example], outputs: list[str | None], with_captions: boo
             result["caption"] = caption_metrics(captions, references)
         except JavaNotFoundError as err:
             warn(f"caption metrics skipped: {err}")
+    result["family_average"] = family_average(result["vqa_accuracy_by_family"], result["caption"])
     return result
+
+
+def question_types_by_family(examples: list[Example]) -> dict[str, list[str]]:
+    """{"general": [types...], "text": [...], "knowledge": [...]}: the VQA types of each family evaluated."""
+    found: dict[str, set] = defaultdict(set)
+    for example in examples:
+        if example.family and not example.is_caption:
+            found[example.family].add(example.question_type)
+    return {family: sorted(types) for family, types in sorted(found.items())}
 
 
 def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[dict]]:
@@ -142,6 +154,10 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
         "vqa_accuracy": real["vqa_accuracy"],
         "vqa_accuracy_by_type": real["vqa_accuracy_by_type"],
         "vqa_accuracy_by_answer_type": real["vqa_accuracy_by_answer_type"],
+        "vqa_accuracy_by_family": real["vqa_accuracy_by_family"],
+        "question_types_by_family": question_types_by_family(examples),
+        "majority_floor_by_type": majority_floor_by_type([e for e in examples if not e.is_caption]),
+        "family_average": real["family_average"],
         "caption": real["caption"],
         "empty_output_rate": real["empty_output_rate"],
         "prompt": describe_prompts(cfg.data),
@@ -163,9 +179,14 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
         metrics["vqa_accuracy_shuffled_images"] = shuffled["vqa_accuracy"]
         metrics["vqa_accuracy_by_type_shuffled_images"] = shuffled["vqa_accuracy_by_type"]
         metrics["vqa_accuracy_by_answer_type_shuffled_images"] = shuffled["vqa_accuracy_by_answer_type"]
+        metrics["vqa_accuracy_by_family_shuffled_images"] = shuffled["vqa_accuracy_by_family"]
+        metrics["family_average_shuffled_images"] = shuffled["family_average"]
         metrics["caption_shuffled_images"] = shuffled["caption"]
         for record, output in zip(records, shuffled_outputs):
             record["prediction_shuffled_images"] = output
+    vqa = [e for e in examples if not e.is_caption]
+    floors = metrics["majority_floor_by_type"]
+    metrics["majority_floor"] = sum(floors[e.question_type] for e in vqa) / len(vqa) if vqa else None
     metrics["num_eval_examples"] = sum(o is not None for o in outputs)
     metrics["num_vqa_examples"] = sum(not e.is_caption for e, o in zip(examples, outputs) if o is not None)
     metrics["num_caption_examples"] = sum(e.is_caption for e, o in zip(examples, outputs) if o is not None)
@@ -194,13 +215,32 @@ def summary_lines(metrics: dict) -> list[str]:
 
     lines = [
         f"VQA accuracy        {pct(metrics.get('vqa_accuracy'))}   "
-        f"(shuffled images: {pct(metrics.get('vqa_accuracy_shuffled_images'))})"
+        f"(shuffled images: {pct(metrics.get('vqa_accuracy_shuffled_images'))}"
+        + (f", majority floor: {pct(metrics['majority_floor'])})" if metrics.get("majority_floor") is not None
+           else ")")
     ]
-    # VQAv2 has 3 answer types and 65 question types: the answer types are the readable breakdown where present.
-    by = "answer_type" if metrics.get("vqa_accuracy_by_answer_type") else "type"
-    shuffled_by_type = metrics.get(f"vqa_accuracy_by_{by}_shuffled_images") or {}
-    for kind, value in metrics.get(f"vqa_accuracy_by_{by}", {}).items():
-        lines.append(f"  {kind:<17} {pct(value)}   (shuffled images: {pct(shuffled_by_type.get(kind))})")
+    floors = metrics.get("majority_floor_by_type") or {}
+
+    def line(indent: str, name: str, value, shuffled, floor=None) -> str:
+        tail = "" if floor is None else f", floor {pct(floor)}"
+        return f"{indent}{name:<{20 - len(indent)}}{pct(value)}   (shuffled images: {pct(shuffled)}{tail})"
+
+    by_family = metrics.get("question_types_by_family") or {}
+    if len(by_family) > 1:  # the families, each with its question types beneath it
+        shuffled_family = metrics.get("vqa_accuracy_by_family_shuffled_images") or {}
+        shuffled_type = metrics.get("vqa_accuracy_by_type_shuffled_images") or {}
+        for family, types in by_family.items():
+            lines.append(line("  ", family, metrics["vqa_accuracy_by_family"].get(family),
+                              shuffled_family.get(family)))
+            for qtype in types:
+                lines.append(line("    ", qtype, metrics["vqa_accuracy_by_type"].get(qtype),
+                                  shuffled_type.get(qtype), floors.get(qtype)))
+    else:
+        # VQAv2 has 3 answer types and 65 question types: the answer types are the readable breakdown there.
+        by = "answer_type" if metrics.get("vqa_accuracy_by_answer_type") else "type"
+        shuffled_by_type = metrics.get(f"vqa_accuracy_by_{by}_shuffled_images") or {}
+        for kind, value in metrics.get(f"vqa_accuracy_by_{by}", {}).items():
+            lines.append(line("  ", kind, value, shuffled_by_type.get(kind), floors.get(kind) if by == "type" else None))
     caption, shuffled_caption = metrics.get("caption"), metrics.get("caption_shuffled_images") or {}
     if caption:
         lines.append(
@@ -209,5 +249,8 @@ def summary_lines(metrics: dict) -> list[str]:
         )
         if shuffled_caption:
             lines.append(f"  shuffled images   CIDEr {shuffled_caption['CIDEr']:.3f}")
+    if metrics.get("family_average") is not None:
+        lines.append(f"family average      {metrics['family_average']:.3f}   (shuffled images: "
+                     f"{metrics.get('family_average_shuffled_images') or 0:.3f}; VQA families and CIDEr, as Idefics2)")
     lines.append(f"empty outputs       {pct(metrics.get('empty_output_rate'))} of {metrics.get('num_eval_examples')}")
     return lines

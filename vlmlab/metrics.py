@@ -3,6 +3,7 @@
 import re
 import shutil
 import threading
+from collections import Counter
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -125,6 +126,29 @@ def accuracy_by(scored) -> dict[str, float]:
     for key, value in scored:
         groups.setdefault(key, []).append(value)
     return {key: sum(values) / len(values) for key, values in sorted(groups.items())}
+
+
+def majority_floor_by_type(examples) -> dict[str, float]:
+    """Per question type, the VQA accuracy of always giving the answer that scores best on that type: what a model
+    that ignores the image and knows only the type gets. The candidates are the type's 20 most frequent targets."""
+    by_type: dict[str, list] = {}
+    for example in examples:
+        by_type.setdefault(example.question_type, []).append(example.answers)
+    floors = {}
+    for qtype, answer_lists in sorted(by_type.items()):
+        targets = Counter(normalize_answer(answers[0]) for answers in answer_lists)
+        floors[qtype] = max(sum(vqa_accuracy(candidate, answers) for answers in answer_lists) / len(answer_lists)
+                            for candidate, _ in targets.most_common(20))
+    return floors
+
+
+def family_average(by_family: dict[str, float], caption: dict | None) -> float | None:
+    """The Idefics2 study's average of its four evaluations, divided by 100: the VQA accuracy of each family
+    present (general, text, knowledge; fractions) and the captions' CIDEr as the COCO evaluation prints it."""
+    scores = [by_family[f] for f in ("general", "text", "knowledge") if by_family.get(f) is not None]
+    if caption and caption.get("CIDEr") is not None:
+        scores.append(caption["CIDEr"])
+    return sum(scores) / len(scores) if scores else None
 
 
 # ------------------------------------------------------------ caption metrics

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from vlmlab.config import Config, ConfigError, apply_overrides, merge_config_file
+from vlmlab.config import Config, ConfigError, apply_overrides, flat_fields, merge_config_file
 from vlmlab.presets import get_preset
 
 SHIPPED = Path(__file__).parent / "studies"
@@ -115,8 +115,7 @@ NOT_RESULTS = ("train.report_to",)
 
 def config_fields(cfg: Config) -> dict:
     """The resolved config as `section.field -> value`, what "the same config" is judged on (NOT_RESULTS left out)."""
-    return {f"{section}.{name}": value for section, values in cfg.to_dict().items() for name, value in values.items()
-            if f"{section}.{name}" not in NOT_RESULTS}
+    return {key: value for key, value in flat_fields(cfg).items() if key not in NOT_RESULTS}
 
 
 def config_changes(recorded: dict, current: dict) -> list[str]:

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from vlmlab.config import Config, ConfigError
+from vlmlab.config import Config, ConfigError, flat_fields
 from vlmlab.registry import lookup
 
 INSTALL = 'pip install -e ".[tracking]"'
@@ -67,8 +67,7 @@ def _is_number(value) -> bool:
 
 def params(cfg: Config) -> dict[str, str]:
     """The config as `section.field` -> text."""
-    return {f"{section}.{name}": str(value) for section, fields in cfg.to_dict().items()
-            for name, value in fields.items()}
+    return {key: str(value) for key, value in flat_fields(cfg).items()}
 
 
 class TensorBoardTracker:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmlab.config import ConfigError, DataConfig
-from vlmlab.data import synthetic
+from vlmlab.data import synthetic, world
 from vlmlab.data.captions import caption_rows, read_flickr8k, read_karpathy
 from vlmlab.data.example import Example
 from vlmlab.data.hub import load_rows
@@ -33,10 +33,14 @@ HUB_SPLITS = {"train": "train", "val": "validation", "test": "validation"}  # hu
 
 
 def _synthetic(source: str, split: str, data: DataConfig) -> list[Example]:
+    """The built-in world: v2 (world.py) by default, the first world with data.world.generator=v1."""
     images = data.train_images if split == "train" else data.eval_images
-    return synthetic.make_split(
-        split, images, seed=data.seed, questions_per_image=data.questions_per_image, captions=data.captions
-    )
+    if data.world.generator == "v1":
+        return synthetic.make_split(
+            split, images, seed=data.seed, questions_per_image=data.questions_per_image, captions=data.captions
+        )
+    return world.make_split(split, images, data.world, seed=data.seed, questions_per_image=data.questions_per_image,
+                            captions=data.captions)
 
 
 def _jsonl(source: str, split: str, data: DataConfig) -> list[Example]:
@@ -52,8 +56,15 @@ class Official:
     from_rows: Callable  # (rows, images, split, name) -> examples
     hub_id: str  # the default hub copy ("" when none is known to carry images)
     hub_splits: dict
+    family: str  # the evaluation family its questions belong to (Example.family)
 
     def __call__(self, source: str, split: str, data: DataConfig) -> list[Example]:
+        examples = self._read(source, split)
+        for example in examples:
+            example.family = example.family or self.family
+        return examples
+
+    def _read(self, source: str, split: str) -> list[Example]:
         source = source or self.hub_id
         if not source:
             raise ConfigError(f"{self.name} needs a source: {self.name}:FOLDER (official layout) or {self.name}:HUB_ID")
@@ -76,13 +87,13 @@ def _looks_like_hub_copy(path: Path) -> bool:
 DATASETS = {
     "synthetic": _synthetic,
     "jsonl": _jsonl,
-    "vqav2": Official("vqav2", read_vqav2, vqa_rows, "Phando/vqa_v2", HUB_SPLITS),
+    "vqav2": Official("vqav2", read_vqav2, vqa_rows, "Phando/vqa_v2", HUB_SPLITS, "general"),
     "okvqa": Official("okvqa", read_okvqa, vqa_rows, "lmms-lab/OK-VQA",
-                      {"train": "train", "val": "val2014", "test": "val2014"}),
-    "textvqa": Official("textvqa", read_textvqa, vqa_rows, "lmms-lab/textvqa", HUB_SPLITS),
-    "coco-captions": Official("coco-captions", read_karpathy, caption_rows, "", HUB_SPLITS),
+                      {"train": "train", "val": "val2014", "test": "val2014"}, "knowledge"),
+    "textvqa": Official("textvqa", read_textvqa, vqa_rows, "lmms-lab/textvqa", HUB_SPLITS, "text"),
+    "coco-captions": Official("coco-captions", read_karpathy, caption_rows, "", HUB_SPLITS, "captions"),
     "flickr8k": Official("flickr8k", read_flickr8k, caption_rows, "jxie/flickr8k",
-                         {"train": "train", "val": "validation", "test": "test"}),
+                         {"train": "train", "val": "validation", "test": "test"}, "captions"),
 }
 
 

@@ -22,6 +22,9 @@ class Example:
     image_id: str = ""  # examples of the same image share it (the shuffled-image control swaps by it)
     example_id: str = ""
     extra: dict = field(default_factory=dict)
+    # The evaluation family the question belongs to, as in the Idefics2 study: general (VQAv2) | text (TextVQA) |
+    # knowledge (OK-VQA) | captions (COCO); "" where a dataset names none. Results are averaged per family.
+    family: str = ""
     answer_type: str = ""  # VQAv2's "yes/no" | "number" | "other": subsets are stratified and results broken down by it
 
     @property

@@ -57,7 +57,8 @@ def make_split(
             items.append((question, [answer] * 10, qtype))
         for k, (question, answers, qtype) in enumerate(items):
             examples.append(
-                Example(image, question, answers, qtype, image_id=image_id, example_id=f"{image_id}-{k}", extra=extra)
+                Example(image, question, answers, qtype, image_id=image_id, example_id=f"{image_id}-{k}", extra=extra,
+                        family=_FAMILY.get(qtype, "general"))
             )
     return examples
 
@@ -202,6 +203,8 @@ def _ask_relation(rng, objects, word):
 def _ask_read(rng, objects, word):
     return "what word is written?", word
 
+
+_FAMILY = {"caption": "captions", "read": "text"}  # every other type asks about the shapes: general
 
 # type -> (does it apply to this scene, make a (question, answer))
 _QUESTIONS = {
