@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmlab.config import WorldConfig
-from vlmlab.data.scene import (COLORS, SHAPES, WORDS, canvas_size, font, inside, luminance, names, overlaps,
-                               text_box, text_px)
+from vlmlab.data.scene import (COLORS, SHAPES, WORDS, canvas_size, draw_words, inside, names, overlaps, text_box,
+                               text_px)
 
 GAP = 2  # pixels between any two things drawn
 PLACEMENT_TRIES = 60
@@ -106,12 +106,7 @@ def render(scene: dict) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for obj in scene["objects"]:
         _shape(draw, obj["shape"], obj["box"], COLORS[obj["color"]])
-    for word in scene["words"]:
-        left, top, right, bottom = word["box"]
-        on = scene["objects"][word["object"]]
-        ink = "white" if word["on"] and luminance(COLORS[on["color"]]) < 140 else "black"
-        draw.text(((left + right) / 2, (top + bottom) / 2), word["text"], fill=ink, font=font(word["px"]),
-                  anchor="mm")
+    draw_words(draw, scene)
     return image
 
 

@@ -83,3 +83,13 @@ def inside(box, width: int, height: int) -> bool:
 
 def luminance(rgb) -> float:
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def draw_words(draw, scene: dict) -> None:
+    """Writes the scene's words where it says: white on a dark object, black elsewhere."""
+    for word in scene["words"]:
+        left, top, right, bottom = word["box"]
+        on = scene["objects"][word["object"]]
+        ink = "white" if word["on"] and luminance(COLORS[on["color"]]) < 140 else "black"
+        draw.text(((left + right) / 2, (top + bottom) / 2), word["text"], fill=ink, font=font(word["px"]),
+                  anchor="mm")

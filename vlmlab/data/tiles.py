@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmlab.config import WorldConfig
-from vlmlab.data.scene import (COLORS, SHAPES, WORDS, canvas_size, font, inside, luminance, names, overlaps,
-                               text_box, text_px)
+from vlmlab.data.scene import (COLORS, SHAPES, WORDS, canvas_size, draw_words, inside, names, overlaps, text_box,
+                               text_px)
 
 SUPERSAMPLE = 4
 
@@ -102,12 +102,7 @@ def render(scene: dict) -> Image.Image:
         _shape(draw, obj, [v * s for v in obj["box"]], fill, outline, width=s)
     image = large.resize((scene["width"], scene["height"]), Image.LANCZOS)
     draw = ImageDraw.Draw(image)
-    for word in scene["words"]:
-        left, top, right, bottom = word["box"]
-        on = scene["objects"][word["object"]]
-        ink = "white" if word["on"] and luminance(COLORS[on["color"]]) < 140 else "black"
-        draw.text(((left + right) / 2, (top + bottom) / 2), word["text"], fill=ink, font=font(word["px"]),
-                  anchor="mm")
+    draw_words(draw, scene)
     return image
 
 
