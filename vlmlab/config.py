@@ -105,7 +105,7 @@ class WorldConfig:
     min_object: float = 0.12  # object side as a fraction of the canvas's short side: [min_object, max_object]
     max_object: float = 0.6
     backgrounds: str = "plain,noise,gradient"  # drawn uniformly from these
-    word_rate: float = 0.6  # share of scenes with words (1 or 2, each written on or under an object)
+    word_rate: float = 0.6  # share of scenes with words (1 or 2, each written on or by an object)
     text_px: str = "8-11"  # font size range of the words, in canvas pixels (small type: resolution matters)
     families: str = "general,text,knowledge"  # question families asked (captions: data.captions)
 

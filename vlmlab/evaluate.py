@@ -144,6 +144,7 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
     ev = cfg.eval
     if ev.max_examples:
         examples = examples[: ev.max_examples]
+    vqa = [e for e in examples if not e.is_caption]
     dataset = ExampleDataset(examples, cfg.data, model.vision.image_size)
     was_training = model.training
     model.eval()
@@ -156,7 +157,7 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
         "vqa_accuracy_by_answer_type": real["vqa_accuracy_by_answer_type"],
         "vqa_accuracy_by_family": real["vqa_accuracy_by_family"],
         "question_types_by_family": question_types_by_family(examples),
-        "majority_floor_by_type": majority_floor_by_type([e for e in examples if not e.is_caption]),
+        "majority_floor_by_type": majority_floor_by_type(vqa),
         "family_average": real["family_average"],
         "caption": real["caption"],
         "empty_output_rate": real["empty_output_rate"],
@@ -184,7 +185,6 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
         metrics["caption_shuffled_images"] = shuffled["caption"]
         for record, output in zip(records, shuffled_outputs):
             record["prediction_shuffled_images"] = output
-    vqa = [e for e in examples if not e.is_caption]
     floors = metrics["majority_floor_by_type"]
     metrics["majority_floor"] = sum(floors[e.question_type] for e in vqa) / len(vqa) if vqa else None
     metrics["num_eval_examples"] = sum(o is not None for o in outputs)

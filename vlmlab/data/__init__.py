@@ -33,7 +33,8 @@ HUB_SPLITS = {"train": "train", "val": "validation", "test": "validation"}  # hu
 
 
 def _synthetic(source: str, split: str, data: DataConfig) -> list[Example]:
-    """The built-in world: v2 (world.py) by default, the first world with data.world.generator=v1."""
+    """The built-in world: the first one (synthetic.py) with data.world.generator=v1, the default; world v2
+    (world.py) drawn by the generator named otherwise."""
     images = data.train_images if split == "train" else data.eval_images
     if data.world.generator == "v1":
         return synthetic.make_split(

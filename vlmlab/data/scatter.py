@@ -17,8 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmlab.config import WorldConfig
-from vlmlab.data.scene import (COLORS, SHAPES, WORDS, canvas_size, draw_words, inside, names, overlaps, text_box,
-                               text_px)
+from vlmlab.data.scene import COLORS, SHAPES, canvas_size, draw_words, inside, names, overlaps, word_choices
 
 GAP = 2  # pixels between any two things drawn
 PLACEMENT_TRIES = 60
@@ -59,14 +58,8 @@ def _place(rng, side, width, height, taken):
 
 def _words(rng, world, objects, boxes, width, height):
     """0 to 2 words (fewer when they do not fit), each on or under a different object."""
-    low, high = text_px(world)
-    if not objects or rng.random() >= world.word_rate:
-        return []
-    count = rng.randint(1, min(2, len(objects)))
     words = []
-    for index, text in zip(rng.sample(range(len(objects)), count), rng.sample(WORDS, count)):
-        px = rng.randint(low, high)
-        w, h = text_box(text, px)
+    for index, text, px, w, h in word_choices(rng, world, objects):
         left, top, right, bottom = objects[index]["box"]
         cx = (left + right) / 2
         # the triangle's and the star's middles are narrower than their boxes: they hold less

@@ -72,6 +72,20 @@ def text_box(text: str, px: int) -> tuple[int, int]:
     return right - left, bottom - top
 
 
+def word_choices(rng: random.Random, world: WorldConfig, objects: list[dict]) -> list[tuple[int, str, int, int, int]]:
+    """The words a scene is to carry, before its generator places them: none in a share 1 - word_rate of scenes,
+    else 1 or 2 different words on different objects, each `(object index, text, font px, ink width, ink height)`."""
+    low, high = text_px(world)
+    if not objects or rng.random() >= world.word_rate:
+        return []
+    count = rng.randint(1, min(2, len(objects)))
+    chosen = []
+    for index, text in zip(rng.sample(range(len(objects)), count), rng.sample(WORDS, count)):
+        px = rng.randint(low, high)
+        chosen.append((index, text, px, *text_box(text, px)))
+    return chosen
+
+
 def overlaps(a, b, gap: int = 0) -> bool:
     """Whether boxes (left, top, right, bottom) come closer than `gap` pixels along both axes."""
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap

@@ -17,8 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmlab.config import WorldConfig
-from vlmlab.data.scene import (COLORS, SHAPES, WORDS, canvas_size, draw_words, inside, names, overlaps, text_box,
-                               text_px)
+from vlmlab.data.scene import COLORS, SHAPES, canvas_size, draw_words, inside, names, overlaps, word_choices
 
 SUPERSAMPLE = 4
 
@@ -52,15 +51,9 @@ def draw_scene(rng: random.Random, world: WorldConfig):
 
 
 def _words(rng, world, objects, width, height):
-    low, high = text_px(world)
-    if not objects or rng.random() >= world.word_rate:
-        return []
     taken = [o["box"] for o in objects]
     words = []
-    count = rng.randint(1, min(2, len(objects)))
-    for index, text in zip(rng.sample(range(len(objects)), count), rng.sample(WORDS, count)):
-        px = rng.randint(low, high)
-        w, h = text_box(text, px)
+    for index, text, px, w, h in word_choices(rng, world, objects):
         left, top, right, bottom = objects[index]["box"]
         cx, cy = (left + right) / 2, (top + bottom) / 2
         if objects[index]["shape"] in ("square", "circle") and max(w, h) + 3 <= 0.7 * (right - left):

@@ -69,8 +69,9 @@ def make_split(split: str, num_images: int, world: WorldConfig, seed: int = 0, q
         scene, image = _scene_of_split(rng, generator, world, split)
         image_id = f"{split}-{index:06d}"
         items = [(None, captions_of(scene), "caption")] if captions else []
-        for qtype in balance.types_for(rng, scene, questions_per_image):
-            question, answer = balance.question(rng, qtype, scene)
+        offered = balance.offers(scene)
+        for qtype in balance.types_for(rng, offered, questions_per_image):
+            question, answer = balance.question(rng, qtype, offered)
             items.append((question, [answer] * 10, qtype))
         for k, (question, answers, qtype) in enumerate(items):
             examples.append(Example(image, question, answers, qtype, image_id=image_id,
@@ -97,8 +98,9 @@ class Balance:
         self.type_counts = dict.fromkeys(types, 0)
         self.answer_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def types_for(self, rng: random.Random, scene: dict, k: int) -> list[str]:
-        applicable = [t for t in self.types if QUESTIONS[t](scene)]
+    def types_for(self, rng: random.Random, offered: dict[str, list], k: int) -> list[str]:
+        """`offered`: each type's (question, answer) pairs for the scene, as `offers` gives them."""
+        applicable = [t for t in self.types if offered[t]]
         chosen: list[str] = []
         for _ in range(k if applicable else 0):
             pool = [t for t in applicable if t not in chosen] or applicable
@@ -108,9 +110,13 @@ class Balance:
             chosen.append(qtype)
         return chosen
 
-    def question(self, rng: random.Random, qtype: str, scene: dict) -> tuple[str, str]:
+    def offers(self, scene: dict) -> dict[str, list]:
+        """Every (question, answer) the scene allows, per question type of the split."""
+        return {t: QUESTIONS[t](scene) for t in self.types}
+
+    def question(self, rng: random.Random, qtype: str, offered: dict[str, list]) -> tuple[str, str]:
         by_answer = defaultdict(list)
-        for question, answer in QUESTIONS[qtype](scene):
+        for question, answer in offered[qtype]:
             by_answer[answer].append(question)
         counts = self.answer_counts[qtype]
         least = min(counts[a] for a in by_answer)
@@ -184,8 +190,7 @@ def _position(scene):
     for a in named:
         for b in named:
             for relation, holds in _POSITIONS.items():
-                opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[relation]
-                if a is not b and (holds(a, b) or _POSITIONS[opposite](a, b)):  # clearly one way or the other
+                if a is not b and (holds(a, b) or holds(b, a)):  # clearly one way or the other
                     found.append((f"is the {_name(a)} {relation} the {_name(b)}?", "yes" if holds(a, b) else "no"))
     return found
 
