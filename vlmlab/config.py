@@ -52,6 +52,10 @@ class ConnectorConfig:
     num_heads: int = 4
     dropout: float = 0.0
     cross_attention_every: int = 2  # blip2 | instructblip: cross-attention to the image in layers 0, k, 2k, ...
+    # mlp | linear on a convnet's map: k x k cells -> one token of k*k times the width (pixel shuffle; 1: off),
+    # k*k times fewer tokens for the LM, so a higher resolution costs it nothing more
+    merge: int = 1
+    coords: bool = False  # mlp | linear on a convnet's map: each cell's x, y in [-1, 1] appended (CoordConv)
     # blip2 | instructblip: where the Q-Former's weights begin, a BLIP-2 / InstructBLIP checkpoint (hub name or
     # path; cross-attention keys and values new where the tower's width differs) or a BERT model ("": from scratch)
     init: str = ""

@@ -10,6 +10,12 @@ One contract, six builders in a plain dict:
 
 A convolutional tower's features carry no position of their own (a ViT's do), so every connector gives them a
 learned one; without it an MLP connector's tokens would not say where in the image each feature was.
+
+Two options of the per-feature connectors (mlp, linear) on a convnet's map `[H, W]`:
+- connector.merge=k: each k x k block of cells becomes one feature of k*k times the width (pixel shuffle,
+  Idefics3 / SmolVLM), so the LM reads k*k times fewer tokens and a higher resolution costs it nothing more.
+- connector.coords=true: each feature gets its cell's x and y in [-1, 1] as two more channels (CoordConv, FiLM's
+  coordinate maps): a fixed, linear code of where it was, there from the first step (learned positions start at 0).
 """
 
 from __future__ import annotations
@@ -120,39 +126,74 @@ class QueryResampler(nn.Module):
         return self.out_proj(self.out_norm(queries))  # [B, M, Dl]
 
 
-class PerFeature(nn.Module):
-    """Maps each feature `[B, N, Dv]` to a token `[B, N, Dl]` on its own (LLaVA); with `positioned`, each
-    feature gets its learned position first (a convolutional tower's), else it goes in as it is (a ViT's)."""
+def merge_cells(features: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
+    """Pixel shuffle: `[B, V*H*W, C]` (V views of an `[H, W]` map, row by row) -> `[B, V*(H/k)*(W/k), k*k*C]`,
+    each k x k block of cells one feature (its cells' channels side by side)."""
+    rows, columns = grid
+    batch, length, width = features.shape
+    blocks = features.view(batch, length // (rows * columns), rows // k, k, columns // k, k, width)
+    return blocks.permute(0, 1, 2, 4, 3, 5, 6).reshape(batch, -1, k * k * width)
 
-    def __init__(self, projection: nn.Module, num_features: int, vision_dim: int, positioned: bool):
+
+def cell_coordinates(grid: tuple[int, int], views: int) -> torch.Tensor:
+    """x and y of each cell's centre in [-1, 1], `[V*H*W, 2]`, row by row, the same for each of `views` views."""
+    rows, columns = grid
+    y = torch.linspace(-1, 1, rows) if rows > 1 else torch.zeros(1)
+    x = torch.linspace(-1, 1, columns) if columns > 1 else torch.zeros(1)
+    return torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1).reshape(-1, 2).repeat(views, 1)
+
+
+class PerFeature(nn.Module):
+    """Maps each feature `[B, N, Dv]` to a token `[B, M, Dl]` on its own (LLaVA); with `positioned`, each
+    feature gets its learned position first (a convolutional tower's), else it goes in as it is (a ViT's).
+    On a convnet's `grid`, `merge` k: M = N / k^2 (merge_cells); `coords`: x, y appended (cell_coordinates)."""
+
+    def __init__(self, make_projection, num_features: int, vision_dim: int, positioned: bool,
+                 grid: tuple[int, int] | None = None, merge: int = 1, coords: bool = False):
         super().__init__()
-        self.projection = projection
+        if (merge > 1 or coords) and grid is None:
+            raise ConfigError("connector.merge and connector.coords work on a convolutional tower's map "
+                              "(vision.family=resnet or a convnet checkpoint); this tower's tokens have no grid")
+        if merge > 1 and (grid[0] % merge or grid[1] % merge):
+            raise ConfigError(f"connector.merge={merge} does not divide the tower's {grid[0]} x {grid[1]} map")
+        self.grid, self.merge = grid, merge
         self.positions = feature_positions(num_features, vision_dim) if positioned else None  # [N, Dv]
+        merged_grid = (grid[0] // merge, grid[1] // merge) if grid else None
+        views = num_features // (grid[0] * grid[1]) if grid else 1
+        # [M, 2], not saved: rebuilt from the grid; None without coords
+        self.register_buffer("coords", cell_coordinates(merged_grid, views) if coords else None, persistent=False)
+        self.projection = make_projection(merge * merge * vision_dim + (2 if coords else 0))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.positions is not None:
             features = features + self.positions
+        if self.merge > 1:
+            features = merge_cells(features, self.grid, self.merge)
+        if self.coords is not None:
+            features = torch.cat([features, self.coords.to(features.dtype).expand(features.shape[0], -1, -1)], -1)
         return self.projection(features)
 
 
-def _qformer(cfg, vision_dim, lm_dim, num_features, positioned):
+def _qformer(cfg, vision_dim, lm_dim, num_features, positioned, grid=None):
     return QueryResampler(QFormerLayer, cfg, vision_dim, lm_dim, num_features)
 
 
-def _perceiver(cfg, vision_dim, lm_dim, num_features, positioned):
+def _perceiver(cfg, vision_dim, lm_dim, num_features, positioned, grid=None):
     return QueryResampler(PerceiverLayer, cfg, vision_dim, lm_dim, num_features)
 
 
-def _mlp(cfg, vision_dim, lm_dim, num_features, positioned):
-    mlp = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
-    return PerFeature(mlp, num_features, vision_dim, positioned)
+def _mlp(cfg, vision_dim, lm_dim, num_features, positioned, grid):
+    def mlp(width):
+        return nn.Sequential(nn.Linear(width, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+    return PerFeature(mlp, num_features, vision_dim, positioned, grid, cfg.merge, cfg.coords)
 
 
-def _linear(cfg, vision_dim, lm_dim, num_features, positioned):
-    return PerFeature(nn.Linear(vision_dim, lm_dim), num_features, vision_dim, positioned)
+def _linear(cfg, vision_dim, lm_dim, num_features, positioned, grid):
+    return PerFeature(lambda width: nn.Linear(width, lm_dim), num_features, vision_dim, positioned, grid,
+                      cfg.merge, cfg.coords)
 
 
-def _pretrained_qformer(cfg, vision_dim, lm_dim, num_features, positioned):
+def _pretrained_qformer(cfg, vision_dim, lm_dim, num_features, positioned, grid=None):
     positions = feature_positions(num_features, vision_dim) if positioned else None  # [N, Dv]: a convnet's
     return build_qformer_connector(cfg, vision_dim, lm_dim, positions)
 
@@ -161,12 +202,21 @@ CONNECTORS = {"qformer": _qformer, "perceiver": _perceiver, "mlp": _mlp, "linear
               "blip2": _pretrained_qformer, "instructblip": _pretrained_qformer}
 
 
+PER_FEATURE = ("mlp", "linear")  # the kinds connector.merge and connector.coords apply to
+
+
 def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int,
-                    positioned: bool = False) -> nn.Module:
+                    positioned: bool = False, grid: tuple[int, int] | None = None) -> nn.Module:
     """A connector for `num_features` vision features of width `vision_dim`, emitting tokens of width `lm_dim`;
-    `positioned`: the features carry no position of their own (a convolutional map, `VisionTower.feature_layout`)."""
+    `positioned`: the features carry no position of their own (a convolutional map, `VisionTower.feature_layout`);
+    `grid`: that map's (H, W) (num_features is a multiple of H * W: one map per view), for merge and coords."""
     builder = lookup(CONNECTORS, cfg.kind, "connector")
     if cfg.init and cfg.kind not in BY_CONNECTOR:
         raise ConfigError(f"connector.init={cfg.init!r} loads a transformers Q-Former: set connector.kind to one of "
                           f"{', '.join(BY_CONNECTOR)} (connector.kind={cfg.kind!r} is vlmlab's own)")
-    return builder(cfg, vision_dim, lm_dim, num_features, positioned)
+    if (cfg.merge != 1 or cfg.coords) and cfg.kind not in PER_FEATURE:
+        raise ConfigError(f"connector.merge and connector.coords apply to connector.kind={' | '.join(PER_FEATURE)}, "
+                          f"not {cfg.kind!r}")
+    if cfg.merge < 1:
+        raise ConfigError(f"connector.merge={cfg.merge} must be at least 1 (1: one token per cell)")
+    return builder(cfg, vision_dim, lm_dim, num_features, positioned, grid)

@@ -238,7 +238,8 @@ def assemble_vlm(vision: VisionTower, language: LanguageModel, config: Config,
         num_features, vision_dim, grid = vision.feature_layout()
         num_features *= num_views(config.data)  # image splitting: the views' features are concatenated along N
         positioned = grid is not None  # a convnet's features say nothing of where they were
-        connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features, positioned)
+        connector = build_connector(config.connector, vision_dim, language.hidden_size, num_features, positioned,
+                                    grid)
     model = VLM(vision, connector, language, config)
     for part in ("vision", "language"):
         apply_tuning(getattr(model, part), getattr(config, part), part)

@@ -54,3 +54,41 @@ def test_positioned_features_differ_by_cell_once_positions_are_learned(kind):
     assert not torch.allclose(connector(features), connector(moved), atol=1e-6 if kind == "blip2" else 1e-4)
     if kind in ("mlp", "linear"):  # a ViT's tokens carry their own positions: LLaVA's connector maps them as they are
         assert build_connector(cfg, vision_dim=8, lm_dim=8, num_features=16).positions is None
+
+
+def test_merge_puts_each_block_of_cells_into_one_feature():
+    from vlmlab.connectors import merge_cells
+    features = torch.arange(2 * 16 * 3, dtype=torch.float32).view(1, 2 * 16, 3)  # 2 views of a 4 x 4 map, width 3
+    merged = merge_cells(features, (4, 4), 2)
+    assert merged.shape == (1, 2 * 4, 12)
+    # the first token of view 0 holds cells (0,0), (0,1), (1,0), (1,1); the last of view 1 its cells 10, 11, 14, 15
+    assert torch.equal(merged[0, 0], features[0, [0, 1, 4, 5]].flatten())
+    assert torch.equal(merged[0, 7], features[0, [16 + 10, 16 + 11, 16 + 14, 16 + 15]].flatten())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_merge_cuts_tokens_and_coords_say_where_each_token_is(kind):
+    torch.manual_seed(0)
+    cfg = ConnectorConfig(kind=kind, merge=2, coords=True)
+    connector = build_connector(cfg, vision_dim=8, lm_dim=16, num_features=64, positioned=True, grid=(8, 8))
+    features = torch.randn(3, 64, 8)
+    assert connector(features).shape == (3, 16, 16)  # 8 x 8 cells -> 4 x 4 tokens
+    # with positions still at zero, the same feature in every cell gives tokens that differ only by the coordinates
+    same = torch.ones(1, 64, 8)
+    tokens = connector(same)[0]
+    assert not torch.allclose(tokens[0], tokens[15], atol=1e-4)
+    plain = build_connector(ConnectorConfig(kind=kind, merge=2), 8, 16, 64, positioned=True, grid=(8, 8))
+    assert torch.allclose(plain(same)[0, 0], plain(same)[0, 15], atol=1e-6)
+    # x runs along a row, y down the columns, both over [-1, 1]
+    assert connector.coords[0].tolist() == [-1.0, -1.0] and connector.coords[3].tolist() == [1.0, -1.0]
+    assert connector.coords[12].tolist() == [-1.0, 1.0]
+    assert "coords" not in connector.state_dict()  # rebuilt from the grid, not saved
+
+
+def test_merge_and_coords_are_refused_where_they_cannot_apply():
+    with pytest.raises(ConfigError, match="no grid"):
+        build_connector(ConnectorConfig(kind="mlp", coords=True), 8, 8, 16)
+    with pytest.raises(ConfigError, match="does not divide"):
+        build_connector(ConnectorConfig(kind="mlp", merge=3), 8, 8, 16, positioned=True, grid=(4, 4))
+    with pytest.raises(ConfigError, match="apply to connector.kind"):
+        build_connector(ConnectorConfig(kind="qformer", merge=2), 8, 8, 16, positioned=True, grid=(4, 4))

@@ -113,3 +113,16 @@ def test_ask_and_caption_take_paths_and_pil_images(examples, tmp_path):
         assert isinstance(model.caption(image), str)
     with pytest.raises(ValueError, match="empty"):
         model.ask(examples[0].image, "   ")
+
+
+def test_merged_cells_with_coordinates_build_save_and_load(examples, tmp_path):
+    torch.manual_seed(0)
+    config = small("default", "connector.merge=2", "connector.coords=true", "vision.image_size=32")
+    model = build_vlm(config, training_texts(examples, DataConfig())).eval()
+    pixels, prompts, targets = _batch(model, examples[:2])
+    num_features = model.vision.feature_layout()[0]
+    assert model.visual_tokens(pixels).shape == (2, num_features // 4, model.language.hidden_size)
+    model.save(tmp_path / "model")
+    loaded = VLM.load(tmp_path / "model", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(model(pixels, prompts, targets), loaded(pixels, prompts, targets))
