@@ -162,7 +162,7 @@ class TrainConfig:
     alarm_warmup: int = 200  # no image-reliance check before this step
     alarm_examples: int = 32  # held-out examples the check uses
     max_bad_steps: int = 20  # stop the run after this many steps in a row with a non-finite loss or gradient
-    report_to: str = "none"  # experiment trackers, comma-separated: none | tensorboard | mlflow (tracking.py)
+    report_to: str = "none"  # experiment trackers, comma-separated: none | tensorboard | mlflow | trackio (tracking.py)
 
 
 @dataclass

@@ -1,16 +1,22 @@
-"""Experiment trackers (`train.report_to=tensorboard,mlflow`): the scalars of train_log.jsonl, the evaluations with
-their shuffled controls and the report's sample grid, sent to TensorBoard or MLflow as well; offline by default.
+"""Experiment trackers (`train.report_to=tensorboard,mlflow,trackio`): the scalars of train_log.jsonl, the evaluations
+with their shuffled controls and the report's sample grid, sent to TensorBoard, MLflow or Trackio as well; offline by
+default.
 
 A tracker is built from the run directory and the resolved config (logged as `section.field` params) and offers
 `log(record)` (a train_log.jsonl record), `image(name, png_path, step)` and `close(failed)`. TensorBoard writes event
 files to RUN/tensorboard; MLflow a local file store RUN/mlruns unless MLFLOW_TRACKING_URI says otherwise (MLflow 3.x
 reads a file store only with MLFLOW_ALLOW_FILE_STORE=true, which the tracker sets for its own; `mlflow ui` needs it
-too).
+too). Trackio writes to its own local store, one for all runs (project "vlmlab", a run per training named after its
+directory): $TRACKIO_DIR, else $HF_HOME/trackio (~/.cache/huggingface/trackio). Trackio fixes that folder when it is
+first imported, so it cannot be put inside the run; it goes online only when TRACKIO_SPACE_ID or TRACKIO_SERVER_URL
+is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import math
 import os
 import time
@@ -127,9 +133,47 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
+class TrackioTracker:
+    def __init__(self, run_dir: Path, cfg: Config):
+        import trackio
+
+        from vlmlab.log import info
+
+        # Trackio's own chatter (several lines, colours) is dropped for one line of ours. No CPU / GPU monitors: the
+        # same scalars as train_log.jsonl, and no sampling threads competing with training.
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.run = trackio.init(project="vlmlab", name=run_dir.resolve().name, config=params(cfg), embed=False,
+                                    auto_log_cpu=False, auto_log_gpu=False)
+        from trackio.utils import TRACKIO_DIR
+
+        info(f"trackio: run {self.run.name} of project vlmlab in {TRACKIO_DIR} (trackio show --project vlmlab)")
+
+    def log(self, record: dict) -> None:
+        self.run.log(flatten(record), step=record["step"])
+
+    def image(self, name: str, png_path: Path, step: int) -> None:
+        import trackio
+
+        self.run.log({name: trackio.Image(str(png_path))}, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        import trackio
+        from trackio import context_vars
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            if failed:  # trackio has no run status; an error alert is what its dashboard shows for one
+                self.run.alert("run failed", "training stopped with an error; see the run's output",
+                               trackio.AlertLevel.ERROR)
+            if context_vars.current_run.get() is self.run:
+                trackio.finish()  # also forgets it as the current run, which trackio would finish again at exit
+            else:
+                self.run.finish()
+
+
 # name -> (module whose import says the package is there, builder)
-TRACKERS = {"none": None, "tensorboard": ("tensorboard", TensorBoardTracker), "mlflow": ("mlflow", MlflowTracker)}
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow (or mlflow-skinny)"}
+TRACKERS = {"none": None, "tensorboard": ("tensorboard", TensorBoardTracker), "mlflow": ("mlflow", MlflowTracker),
+            "trackio": ("trackio", TrackioTracker)}
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow (or mlflow-skinny)", "trackio": "trackio"}
 
 
 class Trackers:
