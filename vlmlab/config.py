@@ -83,6 +83,9 @@ class LanguageConfig:
     pretrain_steps: int = 0
     pretrain_images: int = 1500
     eos_loss_weight: float = 1.0  # weight of EOS targets in the loss; below 1 counters a bias to stop at once
+    # NEFTune: in training only, uniform noise in [-a, a] on the text's input embeddings, a = alpha / sqrt(L * D)
+    # per sequence of L text tokens (the visual tokens stay clean); the paper's alpha is 5 to 15; 0: off
+    neftune_alpha: float = 0.0
     # REPRODUCTION ONLY: pad a batch's targets on the left with EOS (padding_side="left", pad == EOS, as GPT-2 is
     # often set up) and train those positions too: shorter captions then start with EOS, and the model learns to
     # say EOS first, the empty captions of the GPT-2 captioner. Never set it to train a model you mean to use.
@@ -264,7 +267,7 @@ MINIMUM = {
     "vision.num_heads": 1, "connector.num_queries": 1, "connector.hidden_size": 1, "connector.num_layers": 0,
     "connector.num_heads": 1, "connector.dropout": 0.0, "connector.cross_attention_every": 1,
     "language.hidden_size": 1, "language.num_layers": 1,
-    "language.num_heads": 1, "language.max_prompt_tokens": 2, "language.max_target_tokens": 2,
+    "language.num_heads": 1, "language.max_prompt_tokens": 2, "language.max_target_tokens": 2, "language.neftune_alpha": 0.0,
     "data.train_images": 1, "data.eval_images": 1, "data.questions_per_image": 0, "data.train_size": 0,
     "data.eval_size": 0, "data.world.min_side": 8, "data.world.max_objects": 1, "data.world.word_rate": 0.0,
     "train.max_steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.weight_decay": 0.0,

@@ -15,6 +15,7 @@ empty-caption failure (docs/experiments/conditioning.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,6 +116,12 @@ def _pad_stack(rows: list[torch.Tensor], pad_value, left: bool) -> tuple[torch.T
     return stacked, mask
 
 
+def _neftune(embeddings: torch.Tensor, alpha: float) -> torch.Tensor:
+    """NEFTune's noise on one sequence's text embeddings `[L, D]`: uniform in [-a, a], a = alpha / sqrt(L * D)."""
+    bound = alpha / math.sqrt(embeddings.numel()) if embeddings.numel() else 0.0
+    return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
+
+
 def _fp32_under_fp16_autocast(forward: Callable) -> Callable:
     def run(hidden: torch.Tensor, *args, **kwargs):
         device = hidden.device.type
@@ -154,6 +161,7 @@ class LanguageModel(nn.Module):
         self.eos_id = tokenizer.eos_token_id
         self.eos_loss_weight = cfg.eos_loss_weight
         self.train_padding_as_eos = cfg.train_padding_as_eos
+        self.neftune_alpha = cfg.neftune_alpha
         self.fusion = build_fusion(cfg.fusion, model, cfg.cross_attention_every, self.is_encoder_decoder)
 
     @property
@@ -218,6 +226,8 @@ class LanguageModel(nn.Module):
             visual = visual.to(embed.weight.dtype)
         flat = torch.tensor([t for row in token_rows for t in row], dtype=torch.long, device=visual.device)
         pieces = [piece.to(visual.dtype) for piece in embed(flat).split([len(row) for row in token_rows])]
+        if self.training and self.neftune_alpha > 0:
+            pieces = [_neftune(piece, self.neftune_alpha) for piece in pieces]
         if self.fusion is not None:
             return pieces
         return [torch.cat([visual[i], piece]) for i, piece in enumerate(pieces)]

@@ -128,3 +128,25 @@ def test_length_buckets_give_the_unbucketed_mean_loss(family):
     assert len(targets[0]) <= SHORT_TARGET_TOKENS < len(targets[1]), "the batch must span both buckets"
     reference = lm.model(**lm.training_inputs(visual, prompts, targets)).loss  # transformers' own loss
     assert torch.allclose(lm.loss(visual, prompts, targets), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_neftune_noises_the_text_embeddings_in_training_only_within_its_bound(family):
+    torch.manual_seed(0)
+    lm = _with(tiny_lm(family), neftune_alpha=5.0)
+    visual, prompts, _ = batch(lm)
+    lm.train()
+    noisy = lm._rows(visual, prompts)
+    lm.eval()
+    clean = lm._rows(visual, prompts)
+    for noisy_row, clean_row, tokens in zip(noisy, clean, prompts):
+        if lm.fusion is None:  # the visual tokens lead the row and get no noise
+            assert torch.equal(noisy_row[:M], clean_row[:M])
+        text_noise = (noisy_row - clean_row)[-len(tokens):]  # [L, D]
+        bound = 5.0 / (len(tokens) * lm.hidden_size) ** 0.5
+        assert 0 < text_noise.abs().max() <= bound * (1 + 1e-5)
+        assert text_noise.abs().mean() > bound / 4  # uniform on [-a, a]: mean |noise| is a / 2
+    lm.train()
+    assert not torch.equal(lm._rows(visual, prompts)[0], noisy[0])  # fresh noise every step
+    off = _with(tiny_lm(family), neftune_alpha=0.0).train()
+    assert all(torch.equal(a, b) for a, b in zip(off._rows(visual, prompts), off.eval()._rows(visual, prompts)))
