@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import gradio as gr
 import torch
 from PIL import Image
 
-from vlmlab.images import ImageError, load_image
+from vlmlab.images import ImageError, bomb_pixels, load_image, too_many_pixels
 from vlmlab.prompts import format_prompt
 
 MAX_QUESTION_CHARS = 500  # far above any VQA question; a pasted essay is refused, not silently cut
@@ -54,12 +55,16 @@ def open_image(payload) -> Image.Image:
         raise ImageError(f"{path.name}: refused, {path.stat().st_size / 2**20:.0f} MiB is over the "
                          f"{MAX_IMAGE_BYTES // 2**20} MiB limit")
     try:
-        with Image.open(path) as probe:  # reads the header only
-            width, height = probe.size
+        with warnings.catch_warnings():  # Pillow's bomb warning would print to the server's log at each request
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:  # reads the header only
+                width, height = probe.size
+    except Image.DecompressionBombError as err:  # over twice Pillow's limit: refused before even the header
+        raise ImageError(too_many_pixels(path.name, bomb_pixels(err), MAX_IMAGE_PIXELS)) from None
     except Exception:  # noqa: BLE001 - load_image below names the reason
         width = height = 0
     if width * height > MAX_IMAGE_PIXELS:
-        raise ImageError(f"{path.name}: refused, {width} x {height} is over {MAX_IMAGE_PIXELS // 10**6} megapixels")
+        raise ImageError(too_many_pixels(f"{path.name} ({width} x {height})", width * height, MAX_IMAGE_PIXELS))
     picture = load_image(path)
     return picture
 

@@ -11,6 +11,7 @@ uint8: `[3, S, S]` per image, or `[5, 3, S, S]` with image splitting (4 crops + 
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -60,12 +61,25 @@ def _open(image) -> Image.Image:
             picture = opener()
             picture.load()  # decodes now, so a truncated file fails here and not later inside a batch
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(f"{_name(image)}: refused, too many pixels ({err})") from None
+            raise ImageError(too_many_pixels(_name(image), bomb_pixels(err), Image.MAX_IMAGE_PIXELS)) from None
         except ImageError:
             raise
         except Exception as err:  # noqa: BLE001 - decoders raise many kinds (OSError, SyntaxError, struct.error, ...)
             raise ImageError(f"{_name(image)}: not a readable image ({type(err).__name__}: {err})") from None
     return picture
+
+
+def bomb_pixels(err: Exception) -> int | None:
+    """The pixel count a Pillow decompression-bomb error or warning names ("Image size (N pixels) exceeds ...")."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def too_many_pixels(name: str, pixels: int | None, limit: int) -> str:
+    # Our limit, not Pillow's text: above twice it Pillow's error names the doubled figure, so two bombs would
+    # otherwise cite two different limits.
+    counted = f"{pixels:,}" if pixels else "more"
+    return f"{name}: refused, too many pixels ({counted}; the limit is {limit:,}, against decompression bombs)"
 
 
 def _to_rgb(picture: Image.Image) -> Image.Image:

@@ -68,6 +68,26 @@ def test_errors_are_one_line_and_non_zero(run, tmp_path, capsys):
     assert "valid: default" in capsys.readouterr().err
 
 
+def test_a_huge_image_is_one_error_line_and_caption_goes_on(run, tmp_path, capsys):
+    from vlmlab.test_images import png_header
+
+    image, bomb = tmp_path / "img.png", tmp_path / "bomb.png"
+    make_split("test", 1)[0].image.save(image)
+    bomb.write_bytes(png_header(30_000, 30_000))  # 65 bytes whose header says 900 megapixels
+    capsys.readouterr()
+    for explain in ([], ["--explain", str(tmp_path / "heat.png")]):
+        assert main(["ask", "--model", str(run), *explain, str(bomb), "what color is the circle?"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == (
+            f"error: {bomb}: refused, too many pixels (900,000,000; the limit is 90,000,000, against decompression "
+            f"bombs)\n")
+    assert main(["caption", "--model", str(run), str(bomb), str(image)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"image": str(bomb), "error": f"{bomb}: refused, too many pixels (900,000,000; the limit is "
+                                                      f"90,000,000, against decompression bombs)"}
+    assert lines[1] == {"image": str(image), "caption": VLM.load(run).caption(image)}
+
+
 def test_presets_lists_every_preset(capsys):
     from vlmlab.presets import PRESETS
 

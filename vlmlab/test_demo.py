@@ -74,6 +74,31 @@ def test_request_functions_without_a_server(trained):
     assert api_ask({"m": model}, str(image), QUESTION) == model.ask(image, QUESTION)
 
 
+def test_a_huge_image_is_one_line_and_the_demo_goes_on(trained, server, tmp_path):
+    from vlmlab.test_images import png_header
+
+    model, image, _ = trained
+    (tmp_path / "bomb.png").write_bytes(png_header(30_000, 30_000))  # over twice Pillow's limit: refused at open
+    (tmp_path / "big.png").write_bytes(png_header(10_000, 10_000))  # only over the demo's 40 megapixels
+    said = {"bomb.png": "bomb.png: refused, too many pixels (900,000,000; the limit is 40,000,000, against "
+                        "decompression bombs)",
+            "big.png": "big.png (10000 x 10000): refused, too many pixels (100,000,000; the limit is 40,000,000, "
+                       "against decompression bombs)"}
+    client = gradio_client.Client(server, verbose=False)
+    for name, message in said.items():
+        path = str(tmp_path / name)
+        for request in (lambda: list(respond([model], None, "ask", {"path": path}, QUESTION)),
+                        lambda: api_ask({"m": model}, path, QUESTION)):
+            with pytest.raises(gr.Error) as err:
+                request()
+            assert err.value.message == message
+        with pytest.raises(gradio_client.exceptions.AppError) as err:
+            client.predict(gradio_client.handle_file(path), QUESTION, "tiny", api_name="/ask")
+        assert str(err.value) == message
+    assert client.predict(gradio_client.handle_file(str(image)), QUESTION, api_name="/ask") == model.ask(
+        image, QUESTION)  # still serving
+
+
 def test_the_answer_streams_token_by_token(trained):
     model, image, _ = trained
     expected = model.caption(image)

@@ -130,6 +130,17 @@ def test_pixels_between_the_warning_and_the_error_limit_are_refused(tmp_path, mo
         load_image(tmp_path / "big.png")
 
 
+def test_a_bomb_names_its_pixels_and_our_limit_on_either_side_of_pillows_doubled_one(tmp_path):
+    # 30000 x 30000 is over twice the limit (Pillow's error, which cites 180 M); 10000 x 10000 only over it (the
+    # warning): both cite the same limit, read from the header alone
+    for side in (30_000, 10_000):
+        (tmp_path / "bomb.png").write_bytes(png_header(side, side))
+        with pytest.raises(ImageError) as caught:
+            load_image(tmp_path / "bomb.png")
+        assert str(caught.value) == (f"{tmp_path / 'bomb.png'}: refused, too many pixels ({side * side:,}; the "
+                                     f"limit is 90,000,000, against decompression bombs)")
+
+
 def test_a_dataset_counts_broken_images_and_goes_on(tmp_path, capsys):
     reasons = broken_files(tmp_path)
     Image.new("RGB", (9, 30), "red").save(tmp_path / "tall.png")
