@@ -86,6 +86,9 @@ class LanguageConfig:
     # NEFTune: in training only, uniform noise in [-a, a] on the text's input embeddings, a = alpha / sqrt(L * D)
     # per sequence of L text tokens (the visual tokens stay clean); the paper's alpha is 5 to 15; 0: off
     neftune_alpha: float = 0.0
+    # Which tokens the training loss predicts: answer (the target only, the default) | all (decoder-only LMs: the
+    # prompt's tokens too, as a plain LM trains; an encoder-decoder reads its prompt in the encoder, predicting none)
+    loss_on: str = "answer"
     # REPRODUCTION ONLY: pad a batch's targets on the left with EOS (padding_side="left", pad == EOS, as GPT-2 is
     # often set up) and train those positions too: shorter captions then start with EOS, and the model learns to
     # say EOS first, the empty captions of the GPT-2 captioner. Never set it to train a model you mean to use.
@@ -279,7 +282,8 @@ MINIMUM = {
     "eval.min_new_tokens": 0, "eval.num_beams": 1,
 }
 POSITIVE = ("train.lr", "train.grad_clip", "data.random_resize", "data.world.min_object")
-CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.feature_cache": ("auto", "on", "off")}
+CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.feature_cache": ("auto", "on", "off"),
+           "language.loss_on": ("answer", "all")}
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from vlmlab.blip2 import family_of, load_part
-from vlmlab.config import LanguageConfig
+from vlmlab.config import ConfigError, LanguageConfig
 from vlmlab.fusion import FUSION_FILE, build_fusion
 from vlmlab.loading import WEIGHT_DTYPES, pretrained_config, pretrained_model, pretrained_tokenizer
 from vlmlab.registry import lookup
@@ -162,6 +162,10 @@ class LanguageModel(nn.Module):
         self.eos_loss_weight = cfg.eos_loss_weight
         self.train_padding_as_eos = cfg.train_padding_as_eos
         self.neftune_alpha = cfg.neftune_alpha
+        self.loss_on_all_text = cfg.loss_on == "all"
+        if self.loss_on_all_text and self.is_encoder_decoder:
+            raise ConfigError("language.loss_on='all' is not allowed with an encoder-decoder LM: it reads the prompt "
+                              "in its encoder, where no token is predicted (answer trains what it can)")
         self.fusion = build_fusion(cfg.fusion, model, cfg.cross_attention_every, self.is_encoder_decoder)
 
     @property
@@ -241,15 +245,19 @@ class LanguageModel(nn.Module):
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return inputs
 
-    def training_inputs(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> dict:
-        """The LM's keyword arguments for a training batch, `labels` included; visual `[B, M, D]`."""
+    def training_inputs(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]],
+                        all_text: bool = False) -> dict:
+        """The LM's keyword arguments for a training batch, `labels` included; visual `[B, M, D]`. `all_text`
+        (decoder-only): the prompt's tokens are labels too, the first predicted from the visual tokens."""
         device = visual.device
         if self.is_encoder_decoder:
             labels, _ = _pad_stack([torch.tensor(t, device=device) for t in targets], IGNORE_INDEX, left=False)
             return {**self._inputs(visual, prompts), "labels": labels}
-        # One sequence per example; labels are the answer ids at the answer positions and IGNORE_INDEX elsewhere.
+        # One sequence per example; labels are the answer ids (with all_text, the prompt's too) at their positions
+        # and IGNORE_INDEX elsewhere.
         label_rows = [
-            torch.tensor([IGNORE_INDEX] * (self.prefix_length(visual) + len(p)) + t, device=device)
+            torch.tensor([IGNORE_INDEX] * self.prefix_length(visual) + (p if all_text else [IGNORE_INDEX] * len(p))
+                         + t, device=device)
             for p, t in zip(prompts, targets)
         ]
         labels, _ = _pad_stack(label_rows, IGNORE_INDEX, left=True)
@@ -264,9 +272,11 @@ class LanguageModel(nn.Module):
         """The transformers output for a training batch: logits, loss, and what `options` ask for (attentions)."""
         return self._run(visual, self.training_inputs(visual, prompts, targets), **options)
 
-    def answer_losses(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
-        """Summed cross-entropy of each example's answer tokens, EOS counted `eos_loss_weight` times: `[B]`."""
-        inputs = self.training_inputs(visual, prompts, targets)
+    def answer_losses(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]],
+                      all_text: bool = False) -> torch.Tensor:
+        """Summed cross-entropy of each example's answer tokens (with `all_text`, its prompt's too), EOS counted
+        `eos_loss_weight` times: `[B]`."""
+        inputs = self.training_inputs(visual, prompts, targets, all_text)
         labels = inputs.pop("labels")  # [B, T]
         if self.is_encoder_decoder:  # the decoder reads the labels shifted right, starting at its start token
             inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
@@ -279,8 +289,9 @@ class LanguageModel(nn.Module):
         return losses.sum(dim=1)
 
     def loss(self, visual: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
-        """Mean cross-entropy over the answer tokens of the batch, EOS included and counted `eos_loss_weight` times
-        (the divisor stays the number of answer tokens: only EOS's share changes).
+        """Mean cross-entropy over the answer tokens of the batch (language.loss_on=all: over its prompt tokens too),
+        EOS included and counted `eos_loss_weight` times (the divisor stays the number of those tokens: only EOS's
+        share changes).
 
         Rows run in two length buckets (short answers, long captions) that share the visual tokens: padding a
         three-token answer to a caption's length would make most of the LM's work padding.
@@ -292,8 +303,10 @@ class LanguageModel(nn.Module):
             if rows:
                 index = torch.tensor(rows, device=visual.device)
                 picked = visual[index]  # [b, M, D]
-                total = total + self.answer_losses(picked, [prompts[i] for i in rows], [targets[i] for i in rows]).sum()
-        return total / max(sum(len(t) for t in targets), 1)
+                total = total + self.answer_losses(picked, [prompts[i] for i in rows], [targets[i] for i in rows],
+                                                   self.loss_on_all_text).sum()
+        predicted = sum(len(t) + (len(p) if self.loss_on_all_text else 0) for p, t in zip(prompts, targets))
+        return total / max(predicted, 1)
 
     @torch.no_grad()
     def generate(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlmlab.config import LanguageConfig
+from vlmlab.config import ConfigError, LanguageConfig
 from vlmlab.language import IGNORE_INDEX, SHORT_TARGET_TOKENS, build_language
 from vlmlab.tokenizer import train_tokenizer
 
@@ -150,3 +150,29 @@ def test_neftune_noises_the_text_embeddings_in_training_only_within_its_bound(fa
     assert not torch.equal(lm._rows(visual, prompts)[0], noisy[0])  # fresh noise every step
     off = _with(tiny_lm(family), neftune_alpha=0.0).train()
     assert all(torch.equal(a, b) for a, b in zip(off._rows(visual, prompts), off.eval()._rows(visual, prompts)))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loss_on_all_text_trains_the_prompt_tokens_too(family):
+    torch.manual_seed(0)
+    lm = tiny_lm(family).eval()
+    visual, prompts, targets = batch(lm)
+    labels = lm.training_inputs(visual, prompts, targets, all_text=True)["labels"]
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        trained = labels[i][labels[i] != IGNORE_INDEX].tolist()
+        assert trained == prompt + target  # every text token; padding and the visual tokens never
+    answers_only = lm.loss(visual, prompts, targets)
+    everything = _with(lm, loss_on_all_text=True).loss(visual, prompts, targets)
+    summed = lm.answer_losses(visual, prompts, targets, all_text=True).sum()
+    assert torch.allclose(everything, summed / sum(len(p) + len(t) for p, t in zip(prompts, targets)))
+    assert not torch.allclose(everything, answers_only)
+    # what evaluation and diagnosis score (answer_losses as they call it) stays the answer alone in this mode
+    scored = lm.answer_losses(visual, prompts, targets).sum() / sum(len(t) for t in targets)
+    assert lm.loss_on_all_text and torch.allclose(scored, answers_only)
+
+
+def test_loss_on_all_text_is_refused_for_an_encoder_decoder():
+    tokenizer = train_tokenizer(TEXTS * 5, vocab_size=300)
+    with pytest.raises(ConfigError, match="language.loss_on='all' is not allowed with an encoder-decoder LM"):
+        build_language(LanguageConfig(family="t5", hidden_size=32, num_layers=1, num_heads=2, loss_on="all"),
+                       tokenizer)
