@@ -4,8 +4,11 @@ import os
 import resource
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -125,6 +128,44 @@ def test_api_answers_equal_ask_and_errors_are_one_line(trained, server):
         with pytest.raises(gradio_client.exceptions.AppError, match=says):
             client.predict(*args, api_name="/ask")
     assert client.predict(handle(str(image)), QUESTION, api_name="/ask") == model.ask(image, QUESTION)  # still up
+
+
+def _serving(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 itself, whatever the proxy
+    try:
+        with opener.open(url, timeout=5) as page:
+            return page.status == 200
+    except OSError:
+        return False
+
+
+def test_the_command_serves_until_stopped(trained, tmp_path):
+    """`python -m vlmlab demo --model RUN --port PORT` in its own process, as a person starts it: /ask answers as
+    `VLM.load(RUN).ask`, and stopping it frees the port."""
+    model, image, _ = trained
+    run, port = image.parent, _free_port()
+    url, log = f"http://127.0.0.1:{port}/", tmp_path / "demo.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "vlmlab", "demo", "--model", str(run), "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240  # importing torch, transformers and gradio on a busy CPU
+        while not _serving(url):
+            assert demo.poll() is None, f"vlmlab demo exited with {demo.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"vlmlab demo not serving after 240 s: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        client = gradio_client.Client(url, verbose=False)
+        assert client.predict(gradio_client.handle_file(str(image)), QUESTION, api_name="/ask") == VLM.load(
+            run).ask(image, QUESTION)
+    finally:
+        demo.terminate()
+        try:
+            demo.wait(30)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait()
+    assert not _serving(url)
 
 
 def _chromium():
