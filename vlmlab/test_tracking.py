@@ -2,8 +2,10 @@
 with their shuffled controls and the sample grid; an unknown name or a missing package is one error line before any
 step."""
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -23,6 +25,7 @@ pytest.importorskip("mlflow")
 TRACKIO_READY = "trackio" not in sys.modules
 if TRACKIO_READY:
     os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="vlmlab-test-trackio-")
+    atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], True)  # after trackio's own exit handlers (LIFO)
 
 RUN = [*SMALL, "data.train_images=6", "data.eval_images=3", "train.batch_size=6", "train.max_steps=4",
        "train.log_every=1", "train.eval_every=2", "train.eval_examples=8", "train.alarm_every=0",
