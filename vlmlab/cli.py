@@ -90,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("image", help="image file")
     ask.add_argument("question", help="the question")
     ask.add_argument("--explain", type=Path, metavar="OUT.png",
-                     help="also save where the answer looked (attention heatmap on the image) and print its "
+                     help="also save where the answer looked (a heatmap on the image) and print its "
                           "probability with and without the image")
+    ask.add_argument("--explain-method", choices=("occlusion", "attention"), default="occlusion",
+                     help="the heatmap: occlusion (default: how much the answer's log-probability drops when each "
+                          "cell of the image is blanked) or attention (the answer's attention on the visual tokens)")
 
     caption = commands.add_parser("caption", help="caption images; one JSON line per image")
     caption.add_argument("--model", required=True, type=Path, help="run or model directory")
@@ -231,8 +234,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serves a page to upload an image (or pick a sample), ask a question or ask for a caption, and "
                     "see each model's answer beside its evidence: the answer with the image blanked and swapped "
-                    "for another, its probability with and without the image, a heatmap of the visual tokens it "
-                    "drew on. The same as API endpoints /ask and /caption (gradio_client). Needs the demo extra: "
+                    "for another, its probability with and without the image, a heatmap of where in the image it "
+                    "came from. The same as API endpoints /ask and /caption (gradio_client). Needs the demo extra: "
                     'pip install -e ".[demo]".',
         epilog="examples:\n  vlmlab demo --model runs/default                       # http://127.0.0.1:7860\n"
                "  vlmlab demo --model runs/a --model runs/b --port 8080   # two models side by side")
@@ -301,12 +304,12 @@ def _ask(args) -> int:
         return 0
     from vlmlab.evidence import explain, overlay
 
-    evidence = explain(model, args.image, args.question)
+    evidence = explain(model, args.image, args.question, method=args.explain_method)
     print(evidence.answer)
     overlay(evidence.seen, evidence.heatmap).save(args.explain, format="PNG")
     print(f"p(answer | image) = {evidence.probability:.4g}, p(answer | blank image) = "
-          f"{evidence.probability_blank:.4g}, blank-image answer: {evidence.answer_blank!r}; heatmap "
-          f"{evidence.grid[0]}x{evidence.grid[1]} saved to {args.explain}")
+          f"{evidence.probability_blank:.4g}, blank-image answer: {evidence.answer_blank!r}; {args.explain_method} "
+          f"heatmap {evidence.grid[0]}x{evidence.grid[1]} saved to {args.explain}")
     return 0
 
 

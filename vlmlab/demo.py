@@ -2,8 +2,9 @@
 
 Per model: the answer (streamed first), then the evidence from `vlmlab.evidence.explain` — the answer with the
 image swapped for a blank and for another image (the shuffled control, computed live), the answer's probability
-with and without the image, a heatmap of the visual tokens the answer drew on, and the raw generated token ids
-when the answer is empty or odd (so "EOS first" shows as ids, not as a blank box).
+with and without the image, a heatmap of where in the image the answer came from (occlusion: how much its
+log-probability drops when each cell is blanked), and the raw generated token ids when the answer is empty or odd
+(so "EOS first" shows as ids, not as a blank box).
 
 The request functions are plain functions (`respond`, `api_ask`, `api_caption`) testable without a server. Every
 failure a request can meet (no image, a broken / huge / odd image, an empty or overlong question, bad decoding
@@ -283,7 +284,7 @@ def build_app(models: list, names: list[str] | None = None) -> gr.Blocks:
     with gr.Blocks(title="vlmlab demo", delete_cache=(3600, 86400)) as app:
         gr.Markdown("## vlmlab demo\nAsk a question about an image or ask for a caption. Beside each answer: the "
                     "answer with the image blanked and swapped for another image, its probability with and "
-                    "without the image, and the visual tokens it drew on.")
+                    "without the image, and where in the image it came from.")
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="image", height=256, elem_id="image")
@@ -305,7 +306,7 @@ def build_app(models: list, names: list[str] | None = None) -> gr.Blocks:
                     outputs += [gr.Textbox(label="answer", elem_id=f"answer-{i}", interactive=False),
                                 gr.Markdown(elem_id=f"ids-{i}"),
                                 gr.Markdown(elem_id=f"evidence-{i}"),
-                                gr.Image(label="visual tokens the answer drew on", height=256, interactive=False,
+                                gr.Image(label="where the answer came from", height=256, interactive=False,
                                          elem_id=f"heatmap-{i}")]
         inputs = [image, question, mode, max_new, min_new, beams]
 

@@ -20,6 +20,15 @@ back to the tower's grid in three steps:
    features of the 4 crops and the whole image are concatenated; the heatmap is the whole-image view's (the last
    N features), the one that lines up with the image as a whole.
 
+That is `method="attention"`. `method="occlusion"` (the default) asks the model instead: each cell of the same
+grid is blanked in the image, in turn (its pixels set to the image's background: its per-channel median colour),
+and the heatmap is how much the answer's log-probability drops, clipped at 0. It needs no attention, so it works the
+same through any tower, connector or LM (a Q-Former too); its cost is one forward of the whole model per cell,
+run `OCCLUSION_BATCH` cells at a time (256 cells for the offline default's 16 x 16 grid). With image splitting the
+cell is blanked in the original image, as the same share of it, so every view loses it (exact with
+`data.image_resize=squash`, the default). `METHODS` names them both; `benchmarks/evidence_on_object.py` measures
+how often each lies on the object a question names.
+
 The map is min-max normalised to [0, 1] (a flat map, where every cell got the same, is all ones).
 """
 
@@ -43,6 +52,7 @@ from vlmlab.connectors import (
     QueryResampler,
 )
 from vlmlab.diagnose import blank_example, eager_attention
+from vlmlab.images import load_image
 from vlmlab.log import warn
 from vlmlab.prompts import format_prompt
 
@@ -112,11 +122,7 @@ def _lm_pass(lm, visual: torch.Tensor, prompt: list[int], answer: list[int], att
     with torch.no_grad(), looking, _recording(hooks) as fused:
         output = lm(visual, [prompt], [answer], output_attentions=attention and fusion is None)
     logits = output.logits[0].float()  # [T, V]
-    count = len(answer)
-    if lm.is_encoder_decoder:
-        predicting = torch.arange(count)  # decoder position t predicts answer token t
-    else:  # one row, no padding: position t predicts token t + 1
-        predicting = torch.arange(logits.shape[0] - count - 1, logits.shape[0] - 1)
+    predicting = _predicting(lm, logits.shape[0], len(answer))
     targets = torch.tensor(answer, device=logits.device)
     nll = float(F.cross_entropy(logits[predicting], targets, reduction="sum"))
     if not attention:
@@ -128,6 +134,24 @@ def _lm_pass(lm, visual: torch.Tensor, prompt: list[int], answer: list[int], att
     else:  # [1, H, L, L] over [visual; prompt; answer]
         layers = [a[0, :, predicting, :num_visual] for a in output.attentions]
     return nll, torch.stack(layers).float().mean(dim=(0, 1, 2)).cpu()  # [M]
+
+
+def _predicting(lm, length: int, count: int) -> torch.Tensor:
+    """The positions of a teacher-forced row of `length` whose logits predict its `count` answer tokens."""
+    if lm.is_encoder_decoder:
+        return torch.arange(count)  # decoder position t predicts answer token t
+    return torch.arange(length - count - 1, length - 1)  # no padding: position t predicts token t + 1
+
+
+def _answer_nlls(lm, visual: torch.Tensor, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """The summed NLL of the same answer after the same prompt under each row of `visual` `[B, M, D]`: `[B]`
+    (rows of equal length, so no padding; every token counted once, as `_lm_pass`)."""
+    rows = visual.shape[0]
+    with torch.no_grad():
+        logits = lm(visual, [prompt] * rows, [answer] * rows).logits.float()  # [B, T, V]
+    predicting = _predicting(lm, logits.shape[1], len(answer)).to(logits.device)
+    targets = torch.tensor(answer, device=logits.device).expand(rows, -1)
+    return F.cross_entropy(logits[:, predicting].transpose(1, 2), targets, reduction="none").sum(dim=1).cpu()
 
 
 @contextmanager
@@ -169,12 +193,103 @@ def _normalise(values: np.ndarray) -> np.ndarray:
     return ((values - low) / (high - low)).astype(np.float32)
 
 
+# ---------------------------------------------------------------------------------------------------- methods
+
+
+OCCLUSION_BATCH = 64  # occluded images per forward
+
+
+@dataclass
+class _Seen:
+    """What a heatmap method may read about one explained answer."""
+
+    image: object  # the image as given (a path or PIL image)
+    pixels: torch.Tensor  # [1, 3, S, S] or [1, V, 3, S, S] uint8
+    prompt: list[int]
+    answer: list[int]  # the generated ids
+    nll: float  # the answer's NLL with the image as it is
+    lm_weights: torch.Tensor | None  # the LM's attention over the M visual tokens `[M]` (attention only)
+    connector_maps: list  # the connector's query->feature attention `[M, N]` per layer
+    features: int  # N, the tower's features over all views
+
+
+def _attention_map(model, seen: _Seen, grid: tuple[int, int], per_view: int, has_cls: bool) -> np.ndarray:
+    """The answer's attention on the visual tokens, mapped back to the tower's grid (module doc, steps 1-3)."""
+    weights = _feature_weights(model, seen.lm_weights, seen.connector_maps, seen.features)[-per_view:]
+    if has_cls:
+        weights = weights[1:]
+    return weights.reshape(grid).numpy().astype(np.float64)
+
+
+def cell_box(cell: tuple[int, int], grid: tuple[int, int], side: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) pixel bounds, end exclusive, of `cell` of a `grid` over a `side` x `side` view."""
+    (row, column), (rows, columns) = cell, grid
+    return (round(row * side / rows), round((row + 1) * side / rows),
+            round(column * side / columns), round((column + 1) * side / columns))
+
+
+def _background(view: torch.Tensor) -> torch.Tensor:
+    """The colour a blanked cell gets: the per-channel median of the view `[3, S, S]` (uint8 `[3]`), i.e. the
+    background where most of the picture is background. A fixed grey (the tower's mean) would paint a grey square
+    on a white scene, a new object the answer reacts to wherever it is put: on world v1 the peak then lies on the
+    named object for 0.48 of the questions, against 0.75 with the median (benchmarks/evidence_on_object.py)."""
+    return view.flatten(1).median(dim=1).values
+
+
+def _occluded(model, seen: _Seen, grid: tuple[int, int], cells: list[tuple[int, int]]) -> torch.Tensor:
+    """Pixels of the image with each of `cells` blanked to the image's background, one image per cell."""
+    if seen.pixels.ndim == 4:  # one view: blank the cell in the view the tower sees
+        fill = _background(seen.pixels[0])
+        batch = seen.pixels.repeat(len(cells), 1, 1, 1)
+        side = batch.shape[-1]
+        for k, cell in enumerate(cells):
+            top, bottom, left, right = cell_box(cell, grid, side)
+            batch[k, :, top:bottom, left:right] = fill[:, None, None]
+        return batch
+    # Image splitting: the cell's share of the original image, so that the crops lose it too.
+    from PIL import ImageDraw
+
+    picture = (seen.image if isinstance(seen.image, Image.Image) else load_image(Path(seen.image))).convert("RGB")
+    fill = _background(torch.from_numpy(np.array(picture)).permute(2, 0, 1))
+    (rows, columns), (width, height) = grid, picture.size
+    images = []
+    for row, column in cells:
+        copy = picture.copy()
+        box = (round(column * width / columns), round(row * height / rows),
+               round((column + 1) * width / columns) - 1, round((row + 1) * height / rows) - 1)
+        ImageDraw.Draw(copy).rectangle(box, fill=tuple(int(v) for v in fill))
+        images.append(copy)
+    return model.pixels_of(images)
+
+
+def _occlusion_map(model, seen: _Seen, grid: tuple[int, int], per_view: int, has_cls: bool) -> np.ndarray:
+    """Per cell: the drop in the answer's log-probability when that cell of the image is blanked, clipped at 0."""
+    cells = [(row, column) for row in range(grid[0]) for column in range(grid[1])]
+    nlls = []
+    for start in range(0, len(cells), OCCLUSION_BATCH):
+        pixels = _occluded(model, seen, grid, cells[start:start + OCCLUSION_BATCH])
+        with torch.no_grad():
+            visual = model.visual_tokens(pixels)
+        nlls.append(_answer_nlls(model.language, visual, seen.prompt, seen.answer))
+    drop = torch.cat(nlls).double().numpy() - seen.nll  # log p(answer | image) - log p(answer | occluded)
+    return np.clip(drop, 0.0, None).reshape(grid)
+
+
+# name -> heatmap over the tower's grid (before normalising); `explain(method=...)`, `vlmlab ask --explain-method`
+METHODS = {"occlusion": _occlusion_map, "attention": _attention_map}
+DEFAULT_METHOD = "occlusion"
+
+
 # ---------------------------------------------------------------------------------------------------- explain
 
 
 def explain(model, image, question: str | None, other=None, max_new_tokens: int | None = None,
-            min_new_tokens: int | None = None, num_beams: int | None = None) -> Evidence:
-    """The answer to `question` about `image` (None: its caption) and the evidence behind it (module doc)."""
+            min_new_tokens: int | None = None, num_beams: int | None = None,
+            method: str = DEFAULT_METHOD) -> Evidence:
+    """The answer to `question` about `image` (None: its caption) and the evidence behind it, its heatmap made by
+    `method` (a name in `METHODS`; module doc)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown heatmap method {method!r}; choose one of {', '.join(METHODS)}")
     lm = model.language
     caption = question is None
     if caption:
@@ -208,7 +323,7 @@ def explain(model, image, question: str | None, other=None, max_new_tokens: int 
             connector_maps.append(a[:, :features].cpu())
         ids = _token_ids(lm, lm.generate_ids(visual, [prompt], **options))
         answer = lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        nll, lm_weights = _lm_pass(lm, visual, prompt, ids, attention=True)
+        nll, lm_weights = _lm_pass(lm, visual, prompt, ids, attention=method == "attention")
 
         def answer_with(picture) -> tuple[str, torch.Tensor]:
             with torch.no_grad():
@@ -220,11 +335,10 @@ def explain(model, image, question: str | None, other=None, max_new_tokens: int 
         nll_blank, _ = _lm_pass(lm, blank_visual, prompt, ids, attention=False)
         answer_other = answer_with(other)[0] if other is not None else None
 
-        per_view, grid, has_cls = _feature_grid(model)
-        weights = _feature_weights(model, lm_weights, connector_maps, features)[-per_view:]  # the whole view
-        if has_cls:
-            weights = weights[1:]
-        heatmap = _normalise(weights.reshape(grid).numpy().astype(np.float64))
+        per_view, grid, has_cls = _feature_grid(model)  # the whole view's grid
+        seen_by = _Seen(image=image, pixels=pixels, prompt=prompt, answer=ids, nll=nll, lm_weights=lm_weights,
+                        connector_maps=connector_maps, features=features)
+        heatmap = _normalise(METHODS[method](model, seen_by, tuple(grid), per_view, has_cls))
         view = pixels[0, -1] if pixels.ndim == 5 else pixels[0]  # [3, S, S] uint8
         seen = Image.fromarray(view.permute(1, 2, 0).cpu().numpy())
     finally:
@@ -242,8 +356,6 @@ def overlay(image, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
     (the default) shows it to the tower.
     """
     from matplotlib import colormaps
-
-    from vlmlab.images import load_image
 
     picture = image if isinstance(image, Image.Image) else load_image(Path(image))
     picture = picture.convert("RGB")

@@ -42,9 +42,9 @@ def qformer(examples):  # tiny CLIP ViT (64 px, patch 8: CLS + 8 x 8) -> Q-Forme
     return fresh(examples, "tiny-qformer")
 
 
-def check_evidence(model, examples, question=QUESTION):
+def check_evidence(model, examples, question=QUESTION, method=ev.DEFAULT_METHOD):
     image = examples[0].image
-    found = explain(model, image, question, other=examples[1].image)
+    found = explain(model, image, question, other=examples[1].image, method=method)
     expected = model.caption(image) if question is None else model.ask(image, question)
     assert found.answer == expected
     lm = model.language
@@ -62,13 +62,15 @@ def check_evidence(model, examples, question=QUESTION):
     return found
 
 
-def test_convnet_mlp_heatmap_is_the_feature_grid(convnet, examples):
-    found = check_evidence(convnet, examples)
+@pytest.mark.parametrize("method", list(ev.METHODS))
+def test_convnet_mlp_heatmap_is_the_feature_grid(convnet, examples, method):
+    found = check_evidence(convnet, examples, method=method)
     assert found.grid == convnet.vision.feature_layout()[2]
 
 
-def test_qformer_on_a_vit_maps_to_the_patch_grid(qformer, examples):
-    found = check_evidence(qformer, examples)
+@pytest.mark.parametrize("method", list(ev.METHODS))
+def test_qformer_on_a_vit_maps_to_the_patch_grid(qformer, examples, method):
+    found = check_evidence(qformer, examples, method=method)
     side = qformer.config.vision.image_size // qformer.config.vision.patch_size
     assert found.grid == (side, side)
     assert explain(qformer, examples[0].image, QUESTION).answer_other is None
@@ -99,7 +101,7 @@ def test_planted_visual_token_peaks_at_its_cell(convnet, examples, monkeypatch):
     rows, columns = convnet.vision.feature_layout()[2]
     cell = (3, 5)
     plant_lm_weights(monkeypatch, cell[0] * columns + cell[1])
-    heatmap = explain(convnet, examples[0].image, QUESTION).heatmap
+    heatmap = explain(convnet, examples[0].image, QUESTION, method="attention").heatmap
     assert np.unravel_index(heatmap.argmax(), heatmap.shape) == cell and heatmap[cell] == 1
     assert (heatmap == 0).sum() == rows * columns - 1
 
@@ -116,15 +118,68 @@ def test_planted_query_attention_peaks_at_its_patch(qformer, examples, monkeypat
         return w
 
     monkeypatch.setattr(attention, "weights", weights)
-    heatmap = explain(qformer, examples[0].image, QUESTION).heatmap
+    heatmap = explain(qformer, examples[0].image, QUESTION, method="attention").heatmap
     assert np.unravel_index(heatmap.argmax(), heatmap.shape) == (2, 6)
 
 
 def test_another_image_gives_another_heatmap(convnet, qformer, examples):
     for model in (convnet, qformer):
-        first = explain(model, examples[0].image, QUESTION).heatmap
-        second = explain(model, examples[1].image, QUESTION).heatmap
-        assert not np.allclose(first, second)
+        for method in ev.METHODS:
+            first = explain(model, examples[0].image, QUESTION, method=method).heatmap
+            second = explain(model, examples[1].image, QUESTION, method=method).heatmap
+            assert not np.allclose(first, second)
+
+
+def grey_with_block(model, grid, corner, cells=2):
+    """A grey image but for a red block of `cells` x `cells` grid cells at `corner` (grey stays the median)."""
+    side = model.vision.image_size
+    pixels = np.full((side, side, 3), 128, np.uint8)
+    top, _, left, _ = ev.cell_box(corner, grid, side)
+    _, bottom, _, right = ev.cell_box((corner[0] + cells - 1, corner[1] + cells - 1), grid, side)
+    pixels[top:bottom, left:right] = (220, 40, 40)
+    block = np.zeros(grid, bool)
+    block[corner[0]:corner[0] + cells, corner[1]:corner[1] + cells] = True
+    return Image.fromarray(pixels), block
+
+
+@pytest.mark.parametrize("corner", [(1, 2), (9, 12)])
+def test_occlusion_peaks_where_the_pixels_changed(convnet, corner):
+    """Blanking a cell that already holds the background changes nothing, so only the red block's cells can
+    move the answer: the map is 0 elsewhere and peaks inside the block, wherever the block is."""
+    grid = convnet.vision.feature_layout()[2]
+    image, block = grey_with_block(convnet, grid, corner)
+    found = explain(convnet, image, QUESTION, method="occlusion")
+    assert found.heatmap.shape == grid
+    assert block[np.unravel_index(found.heatmap.argmax(), grid)] and found.heatmap.max() == 1
+    assert found.heatmap[~block].max() < 1e-3
+
+
+def test_occlusion_drops_are_the_answer_losses(qformer, monkeypatch):
+    """The raw per-cell drop is log p(answer | image) - log p(answer | cell blanked), on a ViT and Q-Former too:
+    0 where the blanked cell was already grey, the LM's own loss difference for a cell of the block."""
+    grid = (8, 8)
+    image, block = grey_with_block(qformer, grid, (3, 5))
+    raw = {}
+    real = ev.METHODS["occlusion"]
+
+    def kept(model, seen, *args):
+        raw["drop"], raw["seen"] = real(model, seen, *args), seen
+        return raw["drop"]
+
+    monkeypatch.setitem(ev.METHODS, "occlusion", kept)
+    explain(qformer, image, QUESTION, method="occlusion")
+    assert raw["drop"].shape == grid and np.abs(raw["drop"][~block]).max() < 1e-4
+    seen, lm = raw["seen"], qformer.language
+    occluded = ev._occluded(qformer, seen, grid, [(3, 5)])
+    assert (occluded[0] != seen.pixels[0]).any(dim=0).sum() == 8 * 8  # one 8 x 8 px patch, all three channels
+    with torch.no_grad():
+        loss = float(lm.answer_losses(qformer.visual_tokens(occluded), [seen.prompt], [seen.answer])[0])
+    assert raw["drop"][3, 5] == pytest.approx(max(loss - seen.nll, 0.0), abs=1e-4)
+
+
+def test_unknown_method_is_refused(convnet, examples):
+    with pytest.raises(ValueError, match="occlusion"):
+        explain(convnet, examples[0].image, QUESTION, method="gradcam")
 
 
 def test_overlay_is_the_image_size(convnet, examples):
@@ -150,3 +205,8 @@ def test_ask_explain_cli(convnet, examples, tmp_path, capsys):
     assert "p(answer | image)" in lines[1] and "blank" in lines[1]
     with Image.open(out) as saved:
         assert saved.format == "PNG" and saved.size == (convnet.vision.image_size,) * 2
+    assert "occlusion heatmap" in lines[1]
+    for method in ev.METHODS:  # the CLI offers every method
+        assert main(["ask", "--model", str(tmp_path / "model"), str(image), QUESTION, "--explain", str(out),
+                     "--explain-method", method]) == 0
+        assert f"{method} heatmap" in capsys.readouterr().out
