@@ -207,51 +207,34 @@ def _parser() -> argparse.ArgumentParser:
                        help="on a CPU shared with other work: time by each side's CPU time, torch on one thread")
     bench.add_argument("overrides", nargs="*", metavar="section.field=value",
                        help="e.g. train.batch_size=8 train.precision=bf16 eval.max_new_tokens=10")
-    pretrain_lm = commands.add_parser(
-        "pretrain-lm", help="train a tiny LM on the synthetic world's text (facts, captions; no image) to start from",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Trains a tiny language model of the preset's language section (--family picks t5, gpt2 or "
-                    "llama) on world v2's text corpus: every fact the knowledge questions need, asked in the VQA "
-                    "prompt and stated as sentences, and captions of scenes no split draws. No image is read. The "
-                    "model and its tokenizer are saved with save_pretrained to --out, with recipe.json (corpus, "
-                    "steps, last loss, share of facts it answers), and a run starts from it by path as it would "
-                    "from Flan-T5: language.model=DIR, with language.train full, frozen, lora or dora.",
-        epilog="examples:\n  vlmlab pretrain-lm --out runs/lm-t5\n"
-               "  vlmlab train --out runs/knows data.world.generator=scatter language.model=runs/lm-t5\n"
-               "  vlmlab pretrain-lm --out runs/lm-gpt2 --family gpt2 --steps 1500 language.hidden_size=256")
-    pretrain_lm.add_argument("--out", required=True, type=Path, help="folder to save the LM and its tokenizer to")
+    pretrain_lm = _pretrain_parser(
+        commands, "pretrain-lm", "train a tiny LM on the synthetic world's text (facts, captions; no image) to start from",
+        "Trains a tiny language model of the preset's language section (--family picks t5, gpt2 or llama) on world "
+        "v2's text corpus: every fact the knowledge questions need, asked in the VQA prompt and stated as sentences, "
+        "and captions of scenes no split draws. No image is read. The model and its tokenizer are saved with "
+        "save_pretrained to --out, with recipe.json (corpus, steps, last loss, share of facts it answers), and a run "
+        "starts from it by path as it would from Flan-T5: language.model=DIR, with language.train full, frozen, lora "
+        "or dora.",
+        "examples:\n  vlmlab pretrain-lm --out runs/lm-t5\n"
+        "  vlmlab train --out runs/knows data.world.generator=scatter language.model=runs/lm-t5\n"
+        "  vlmlab pretrain-lm --out runs/lm-gpt2 --family gpt2 --steps 1500 language.hidden_size=256",
+        saves="the LM and its tokenizer", follows="language section (and data.prompt)",
+        steps=(PRETRAIN_LM_STEPS, "text pairs"), scenes=(PRETRAIN_LM_SCENES, "scenes whose captions join the facts"),
+        example="language.hidden_size=256 data.world.generator=tiles train.seed=1")
     pretrain_lm.add_argument("--family", choices=["t5", "gpt2", "llama"], default=None,
                              help="the tiny LM's transformers family (default: the preset's, t5)")
-    pretrain_lm.add_argument("--preset", default="default",
-                             help="preset whose language section (and data.prompt) the LM follows (default: default)")
-    pretrain_lm.add_argument("--steps", type=int, default=PRETRAIN_LM_STEPS,
-                             help=f"training steps of 64 text pairs (default {PRETRAIN_LM_STEPS})")
-    pretrain_lm.add_argument("--scenes", type=int, default=PRETRAIN_LM_SCENES,
-                             help=f"scenes whose captions join the facts (default {PRETRAIN_LM_SCENES})")
-    pretrain_lm.add_argument("overrides", nargs="*", metavar="section.field=value",
-                             help="e.g. language.hidden_size=256 data.world.generator=tiles train.seed=1")
-    pretrain_vision = commands.add_parser(
-        "pretrain-vision", help="train a tiny vision tower on the synthetic world's scenes (no text) to start from",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Trains a tiny vision tower of the preset's vision section on world v2's scenes of a seed no "
-                    "split draws: from its features, max-pooled over the map, one linear layer says which of the "
-                    "32 (colour, shape) pairs the scene holds (the layer is dropped after). The tower and its "
-                    "preprocessing are saved with save_pretrained to --out, with recipe.json (steps, held-out label "
-                    "and exact-set accuracy), and a run starts from it by path as it would from CLIP: "
-                    "vision.model=DIR, with vision.train full, frozen, lora or dora.",
-        epilog="examples:\n  vlmlab pretrain-vision --out runs/tower\n"
-               "  vlmlab train --out runs/sees data.world.generator=scatter vision.model=runs/tower")
-    pretrain_vision.add_argument("--out", required=True, type=Path, help="folder to save the tower to")
-    pretrain_vision.add_argument("--preset", default="default",
-                                 help="preset whose vision section (and data.image_resize) the tower follows "
-                                      "(default: default)")
-    pretrain_vision.add_argument("--steps", type=int, default=PRETRAIN_VISION_STEPS,
-                                 help=f"training steps of 64 scenes (default {PRETRAIN_VISION_STEPS})")
-    pretrain_vision.add_argument("--scenes", type=int, default=PRETRAIN_VISION_SCENES,
-                                 help=f"scenes drawn to train on (default {PRETRAIN_VISION_SCENES})")
-    pretrain_vision.add_argument("overrides", nargs="*", metavar="section.field=value",
-                                 help="e.g. data.world.generator=tiles vision.num_layers=3 train.seed=1 "
-                                      "(default world: scatter)")
+    _pretrain_parser(
+        commands, "pretrain-vision", "train a tiny vision tower on the synthetic world's scenes (no text) to start from",
+        "Trains a tiny vision tower of the preset's vision section on world v2's scenes of a seed no split draws: "
+        "from its features, max-pooled over the map, one linear layer says which of the 32 (colour, shape) pairs the "
+        "scene holds (the layer is dropped after). The tower and its preprocessing are saved with save_pretrained to "
+        "--out, with recipe.json (steps, held-out label and exact-set accuracy), and a run starts from it by path as "
+        "it would from CLIP: vision.model=DIR, with vision.train full, frozen, lora or dora.",
+        "examples:\n  vlmlab pretrain-vision --out runs/tower\n"
+        "  vlmlab train --out runs/sees data.world.generator=scatter vision.model=runs/tower vision.train=frozen",
+        saves="the tower", follows="vision section (and data.image_resize)",
+        steps=(PRETRAIN_VISION_STEPS, "scenes"), scenes=(PRETRAIN_VISION_SCENES, "scenes drawn to train on"),
+        example="data.world.generator=tiles vision.num_layers=3 train.seed=1 (default world: scatter)")
     demo = commands.add_parser(
         "demo", help="a gradio page: ask one or more models about an image, with the evidence beside each answer",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -265,6 +248,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", required=True, type=Path, action="append", help="run or model directory (repeat)")
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")
+    return parser
+
+
+def _pretrain_parser(commands, name: str, help_text: str, description: str, epilog: str, *, saves: str,
+                     follows: str, steps: tuple[int, str], scenes: tuple[int, str], example: str):
+    """The arguments pretrain-lm and pretrain-vision share: --out, --preset, --steps, --scenes and overrides."""
+    parser = commands.add_parser(name, help=help_text, description=description, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help=f"folder to save {saves} to")
+    parser.add_argument("--preset", default="default",
+                        help=f"preset whose {follows} it follows (default: default)")
+    parser.add_argument("--steps", type=int, default=steps[0],
+                        help=f"training steps of 64 {steps[1]} (default {steps[0]})")
+    parser.add_argument("--scenes", type=int, default=scenes[0], help=f"{scenes[1]} (default {scenes[0]})")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help=f"e.g. {example}")
     return parser
 
 
