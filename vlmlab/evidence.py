@@ -13,7 +13,8 @@ back to the tower's grid in three steps:
 2. connector -> weights over the N tower features `[N]`: a Q-Former / perceiver (`QueryResampler`) maps its
    queries to features with its query->feature cross-attention `A [M, N]` (averaged over layers and heads;
    a perceiver's latent->latent share is dropped): weights_N = weights_M @ A. An MLP / linear connector
-   (`PerFeature`) makes token i from feature i: weights_N = weights_M. Any other connector: the features get
+   (`PerFeature`) makes token i from feature i: weights_N = weights_M (with `connector.merge` k, token i from a
+   k x k block of cells, its weight shared by them). Any other connector: the features get
    even weights (a flat map) and a warning says so, rather than a guess.
 3. features -> grid `[H, W]`: a convnet's map comes from `vision.feature_layout()`; a ViT's N is (S/patch)^2,
    after dropping a leading CLS token when it has one (CLIP has, SigLIP has not). With image splitting the
@@ -180,6 +181,10 @@ def _feature_weights(model, lm_weights: torch.Tensor, connector_maps: list, num_
     if connector_maps:  # [M, N]: the queries' attention on the features, averaged over layers and heads
         return lm_weights @ torch.stack(connector_maps).mean(0)
     per_feature = isinstance(connector, PerFeature)
+    if per_feature and connector.merge > 1:  # token i is a k x k block of cells: its weight spread over them
+        (rows, columns), k = connector.grid, connector.merge
+        blocks = lm_weights.view(-1, rows // k, columns // k) / (k * k)  # [V, H/k, W/k]
+        return blocks.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2).reshape(-1)  # [V * H * W]
     if per_feature or (lm_weights.shape[0] == num_total and not isinstance(connector, QueryResampler)):
         return lm_weights  # token i is feature i (an unknown connector with M == N is read the same way)
     warn(f"evidence: the {type(connector).__name__} connector's attention cannot be read; the heatmap is flat")

@@ -106,6 +106,16 @@ def test_planted_visual_token_peaks_at_its_cell(convnet, examples, monkeypatch):
     assert (heatmap == 0).sum() == rows * columns - 1
 
 
+def test_planted_merged_token_lights_its_block_of_cells(examples, monkeypatch):
+    merged = fresh(examples, "default", "connector.merge=2")
+    rows, columns = merged.vision.feature_layout()[2]
+    plant_lm_weights(monkeypatch, 1 * (columns // 2) + 2)  # merged token (1, 2): cells rows 2-3, columns 4-5
+    heatmap = explain(merged, examples[0].image, QUESTION, method="attention").heatmap
+    lit = np.zeros((rows, columns), dtype=bool)
+    lit[2:4, 4:6] = True
+    assert (heatmap[lit] == 1).all() and (heatmap[~lit] == 0).all()
+
+
 def test_planted_query_attention_peaks_at_its_patch(qformer, examples, monkeypatch):
     plant_lm_weights(monkeypatch, 0)  # the LM reads query 0 only
     attention = qformer.connector.layers[0].cross_attention
