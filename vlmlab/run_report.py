@@ -164,6 +164,8 @@ def by_type_plot(path: Path, metrics: dict) -> bool:
 
 def short(text, width: int = 60) -> str:
     text = " ".join(str(text).split()) if text is not None else "-"
+    # an untrained model's bytes may be control characters: shown escaped, not as a glyph the font lacks
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -71,3 +71,10 @@ def test_a_failing_report_only_warns(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "predictions.jsonl").is_file()
     warning = [line for line in capsys.readouterr().err.splitlines() if "report" in line]
     assert warning == ["warning: run report not written: RuntimeError: matplotlib gave up"]
+
+
+def test_control_characters_in_an_answer_are_shown_escaped():
+    from vlmlab.run_report import short
+
+    assert short("re\x13d  and\nblue") == "re\\x13d and blue"
+    assert len(short("\x00" * 40, 10)) == 10
