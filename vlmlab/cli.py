@@ -208,7 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", metavar="section.field=value",
                        help="e.g. train.batch_size=8 train.precision=bf16 eval.max_new_tokens=10")
     pretrain_lm = _pretrain_parser(
-        commands, "pretrain-lm", "train a tiny LM on the synthetic world's text (facts, captions; no image) to start from",
+        commands, "pretrain-lm",
+        "train a tiny LM on the synthetic world's text (facts, captions; no image) to start from",
         "Trains a tiny language model of the preset's language section (--family picks t5, gpt2 or llama) on world "
         "v2's text corpus: every fact the knowledge questions need, asked in the VQA prompt and stated as sentences, "
         "and captions of scenes no split draws. No image is read. The model and its tokenizer are saved with "
@@ -224,7 +225,8 @@ def _parser() -> argparse.ArgumentParser:
     pretrain_lm.add_argument("--family", choices=["t5", "gpt2", "llama"], default=None,
                              help="the tiny LM's transformers family (default: the preset's, t5)")
     _pretrain_parser(
-        commands, "pretrain-vision", "train a tiny vision tower on the synthetic world's scenes (no text) to start from",
+        commands, "pretrain-vision",
+        "train a tiny vision tower on the synthetic world's scenes (no text) to start from",
         "Trains a tiny vision tower of the preset's vision section on world v2's scenes of a seed no split draws: "
         "from its features, max-pooled over the map, one linear layer says which of the 32 (colour, shape) pairs the "
         "scene holds (the layer is dropped after). The tower and its preprocessing are saved with save_pretrained to "

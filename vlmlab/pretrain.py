@@ -134,7 +134,8 @@ def pretrain_lm(cfg: Config, out: Path, steps: int, scenes: int) -> dict:
         info("pretrain-lm: data.world.generator=v1 has no facts; the corpus is world v2's (scatter)")
     world_seed = cfg.data.seed + WORLD_SEED_OFFSET
     pairs = world.corpus(scenes, world_seed, world_cfg, cfg.data)
-    known = len(world.facts()) + len(world.statements())  # corpus() puts them first, the captions after
+    facts, sentences = len(world.facts()), len(world.statements())
+    known = facts + sentences  # corpus() puts them first, the captions after
     # The facts repeated until they are about half of the pairs the LM reads (and, each pair weighing the same, of
     # its loss): read once among 2000 captions they are 5%, and the LM learns the captions' words but answers
     # every fact with the commonest answer.
@@ -151,7 +152,7 @@ def pretrain_lm(cfg: Config, out: Path, steps: int, scenes: int) -> dict:
               "steps": steps, "batch_size": BATCH, "lr": LR, "warmup_steps": WARMUP_STEPS, "schedule": "cosine",
               "torch_seed": cfg.train.seed,
               "corpus": {"generator": world_cfg.generator, "world_seed": world_seed, "scenes": scenes,
-                         "pairs": len(pairs), "facts": len(world.facts()), "sentences": len(world.statements()),
+                         "pairs": len(pairs), "facts": facts, "sentences": sentences,
                          "fact_copies": copies},
               "prompt": vqa_template(cfg.data.prompt), "caption_prompt": format_prompt(cfg.data, None),
               "last_loss": round(last_loss, 4), "fact_accuracy": round(fact_accuracy(lm, cfg.data), 4)}

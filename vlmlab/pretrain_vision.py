@@ -24,10 +24,10 @@ from vlmlab.config import Config, ConfigError
 from vlmlab.data import world
 from vlmlab.data.scene import COLORS, SHAPES
 from vlmlab.images import ImagePrep
+from vlmlab.pretrain import WORLD_SEED_OFFSET
 from vlmlab.vision import build_vision
 
 BATCH, LR = 64, 1e-3
-WORLD_SEED_OFFSET = 1000  # the scenes it reads are none of the run's own
 HELD_OUT = 300  # scenes of the same seed kept apart to measure it
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]  # the 32 labels
 
