@@ -132,3 +132,16 @@ def start_processes(device: str) -> Processes:
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     placed = torch.device("cpu") if state.device.type == "cpu" else state.device
     return Processes(state.process_index, state.num_processes, placed)
+
+
+def end_processes(together: bool) -> None:
+    """Leaves the group of processes this one joined, if any. `together`: every process ends here at the same step
+    (a fault they all agreed on), so they first wait for each other: one that left while another still talked to it
+    would have gloo abort that one. A finished run's other processes leave without waiting while the main process
+    evaluates (waiting could outlast NCCL's timeout); a process ending alone (an error only it met) leaves the
+    group as it is, for the others to time out."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_initialized():
+        return  # one process (a group a caller started itself is the caller's to end)
+    if together:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -130,7 +130,7 @@ def test_out_of_memory_in_one_process_halves_the_micro_batches_of_all(one, tmp_p
 
 def test_out_of_memory_with_one_example_in_one_process_stops_every_process_with_one_line(tmp_path):
     outcomes = _two_processes(tmp_path, limit=0)
-    assert [code for code, _ in outcomes] == [2, 2]
+    assert [code for code, _ in outcomes] == [2, 2], "\n".join(err[-2000:] for _, err in outcomes)
     for _, err in outcomes:
         assert [line for line in err.splitlines() if line.startswith("error:")] == [
             "error: step 1: out of memory in process 1 of 2 with one example per forward pass; use a smaller model, "

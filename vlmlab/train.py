@@ -28,11 +28,11 @@ from vlmlab.costs import environment, run_costs
 from vlmlab.data import load_examples
 from vlmlab.data.batching import StepBatches, image_groups, with_draw_seeds
 from vlmlab.diagnose import ConditioningAlarm
-from vlmlab.distributed import start_processes
+from vlmlab.distributed import end_processes, start_processes
 from vlmlab.evaluate import evaluate, summary_lines
 from vlmlab.feature_cache import cache_root, training_data
-from vlmlab.faults import (FaultGuard, fresh_partial, recover_directory, replace_directory, truncate_log,
-                           write_text_atomically)
+from vlmlab.faults import (FaultGuard, TrainingFault, fresh_partial, recover_directory, replace_directory,
+                           truncate_log, write_text_atomically)
 from vlmlab.log import info, warn
 from vlmlab.model import VLM, build_vlm, describe_parts, start_from
 from vlmlab.parking import park_if_cached
@@ -146,7 +146,11 @@ def train(cfg: Config | None, out_dir: str | Path, resume: bool = False) -> dict
     failed = True
     try:
         metrics, failed = _train(cfg, out_dir, resume, trackers), False
+        end_processes(together=False)
         return metrics
+    except TrainingFault:  # raised by every process at the same step (FaultGuard decides on what all saw)
+        end_processes(together=True)
+        raise
     finally:
         trackers.close(failed)
 
