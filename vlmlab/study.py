@@ -9,6 +9,19 @@
       queries: {q16: [connector.num_queries=16], q64: [connector.num_queries=64]}    # first level: the reference
       prompt: {plain: [data.prompt=none], instruct: [data.prompt=instruct]}
 
+A study may come at several scales (`scales`, `vlmlab sweep NAME --scale colab`; the first listed is the default),
+each a base of its own laid over `base`: e.g. `tiny` (offline, tiny parts) and `colab` (the real parts by hub name).
+A level is then either one list of overrides for every scale or a mapping `{tiny: [...], colab: [...]}`; a level
+without an entry for a scale is not run at that scale (`absent` says so). A base or scale may `prepare` parts that
+its runs load, as pretrained parts are downloaded: each a `vlmlab pretrain-lm` or `pretrain-vision` command, run
+once into `DIR/prepared/NAME` before any training, that an override names as `@prepared/NAME`:
+
+    scales:
+      tiny:
+        overrides: [language.model=@prepared/lm, language.train=lora]
+        prepare: {lm: [pretrain-lm, --family, t5, language.hidden_size=64]}
+      colab: {preset: recommended}
+
 `one-at-a-time` (the Idefics2 protocol) gives a variant `reference` (every axis at its first level) and one
 variant per other level, named by it, that changes only its own axis; `grid` gives every combination, named by
 its levels joined with `+`. A level may start from another variant's model of the same seed with
@@ -31,8 +44,10 @@ from vlmlab.presets import get_preset
 
 SHIPPED = Path(__file__).parent / "studies"
 DESIGNS = ("one-at-a-time", "grid")
-TOP_KEYS = ("name", "description", "base", "seeds", "design", "diagnose", "axes")
-BASE_KEYS = ("preset", "config", "overrides")
+TOP_KEYS = ("name", "description", "base", "scales", "seeds", "design", "diagnose", "axes")
+BASE_KEYS = ("preset", "config", "overrides", "prepare")
+PREPARE_COMMANDS = ("pretrain-lm", "pretrain-vision")  # each takes --out, which the sweep sets
+PREPARED = re.compile(r"@prepared/([A-Za-z0-9_.-]+)")  # in an override's value: DIR/prepared/NAME
 REFERENCE = "reference"
 NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a level becomes part of a directory name
 INIT_FROM = "train.init_from="
@@ -55,7 +70,7 @@ class Variant:
         for item in reversed(self.overrides):
             if item.startswith(INIT_FROM):
                 value = item[len(INIT_FROM):].strip()
-                return value[1:] if value.startswith("@") else None
+                return value[1:] if value.startswith("@") and not PREPARED.match(value) else None
         return None
 
 
@@ -71,6 +86,10 @@ class Study:
     diagnose: bool = False
     description: str = ""
     axes: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    scale: str = ""  # the scale these runs are of ("" where the file has none)
+    scales: list[str] = field(default_factory=list)
+    absent: dict[str, str] = field(default_factory=dict)  # level -> axis, for levels not run at this scale
+    prepare: dict[str, list[str]] = field(default_factory=dict)  # name -> `vlmlab` command words, without --out
 
     @property
     def reference(self) -> str:
@@ -104,6 +123,11 @@ class Study:
         overrides = [*self.overrides, *variant.overrides, f"train.seed={seed}"]
         return apply_overrides(self.base_config(), overrides), overrides
 
+    def prepare_command(self, name: str, out: Path) -> list[str]:
+        """The `vlmlab` command line (without `vlmlab`) that makes the prepared part `name` in `out/prepared/`."""
+        command, *rest = self.prepare[name]
+        return [command, "--out", str(prepared_dir(out, name)), *rest]
+
     def source_args(self) -> list[str]:
         """`--preset` and `--config` as `vlmlab train` takes them."""
         return ["--preset", self.preset, *(["--config", str(self.config)] if self.config else [])]
@@ -126,6 +150,10 @@ def config_changes(recorded: dict, current: dict) -> list[str]:
             if (recorded[key] if key in recorded else defaults.get(key)) != value]
 
 
+def prepared_dir(out: Path, name: str) -> Path:
+    return out / "prepared" / name
+
+
 def find_study(name_or_path: str) -> Path:
     """A study file by path, or a shipped study (vlmlab/studies/NAME.yaml) by name."""
     path = Path(name_or_path)
@@ -142,8 +170,10 @@ def shipped_studies() -> dict[str, str]:
     """name -> first line of its description, for `vlmlab sweep --list`."""
     found = {}
     for path in sorted(SHIPPED.glob("*.yaml")):
-        description = str((yaml.safe_load(path.read_text()) or {}).get("description", "")).strip()
-        found[path.stem] = description.splitlines()[0] if description else ""
+        data = yaml.safe_load(path.read_text()) or {}
+        description = str(data.get("description", "")).strip()
+        scales = f" [scales: {', '.join(data['scales'])}]" if data.get("scales") else ""
+        found[path.stem] = (description.splitlines()[0] if description else "") + scales
     return found
 
 
@@ -183,8 +213,9 @@ def _override_list(value, where: str) -> list[str]:
     return value
 
 
-def load_study(path: str | Path) -> Study:
-    """Reads and checks a study file: keys, names, designs, every override on the config it lands on."""
+def load_study(path: str | Path, scale: str | None = None) -> Study:
+    """Reads and checks a study file at `scale` (its first, where it has scales and none is named): keys, names,
+    designs, every override on the config it lands on."""
     path = Path(path)
     try:
         with path.open() as stream:
@@ -202,11 +233,23 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(data.get("name"), str) or not NAME.fullmatch(data["name"]):
         raise StudyError(f"{path}: name must be a word of letters, digits, '_', '.' or '-', got {data.get('name')!r}")
     base = _keys(data.get("base") or {}, BASE_KEYS, f"{path}: base")
+    scales = _keys(data.get("scales") or {}, tuple(data.get("scales") or ()), f"{path}: scales")
+    if scale is not None and scale not in scales:
+        raise StudyError(f"{path}: no scale {scale!r}; " + (f"scales: {', '.join(scales)}" if scales else
+                                                              "the study has no scales"))
+    for name in scales:
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise StudyError(f"{path}: scales: a scale's name is a word of letters, digits, '_', '.' or '-'")
+    scale = scale or next(iter(scales), "")
+    layer = _keys(scales[scale] or {}, BASE_KEYS, f"{path}: scales.{scale}") if scale else {}
     study = Study(name=data["name"], path=path, description=str(data.get("description", "")),
-                  preset=str(base.get("preset", "default")),
-                  overrides=_override_list(base.get("overrides", []), f"{path}: base.overrides"))
-    if base.get("config"):
-        study.config = (path.parent / str(base["config"])).resolve()
+                  preset=str(layer.get("preset", base.get("preset", "default"))), scale=scale, scales=list(scales),
+                  overrides=[*_override_list(base.get("overrides", []), f"{path}: base.overrides"),
+                             *_override_list(layer.get("overrides", []), f"{path}: scales.{scale}.overrides")],
+                  prepare={**_prepare(base, f"{path}: base"), **_prepare(layer, f"{path}: scales.{scale}")})
+    config = layer.get("config", base.get("config"))
+    if config:
+        study.config = (path.parent / str(config)).resolve()
     seeds = data.get("seeds", [0])
     if (not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds)
             or len(set(seeds)) != len(seeds)):
@@ -218,12 +261,41 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(data.get("diagnose", False), bool):
         raise StudyError(f"{path}: diagnose must be true or false, got {data['diagnose']!r}")
     study.diagnose = data.get("diagnose", False)
-    study.axes = _axes(data.get("axes") or {}, study.design, path)
+    study.axes, study.absent = _at_scale(_axes(data.get("axes") or {}, study.design, path, scales), scale)
     _check_configs(study)
     return study
 
 
-def _axes(axes, design: str, path: Path) -> dict[str, dict[str, list[str]]]:
+def _prepare(layer: dict, where: str) -> dict[str, list[str]]:
+    """A base's or scale's `prepare`: name -> the words of a PREPARE_COMMANDS command, --out left to the sweep."""
+    prepare = _keys(layer.get("prepare") or {}, tuple(layer.get("prepare") or ()), f"{where}.prepare")
+    for name, words in prepare.items():
+        place = f"{where}.prepare.{name}"
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise StudyError(f"{place}: a prepared part's name is a word of letters, digits, '_', '.' or '-'")
+        if (not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words)
+                or words[0] not in PREPARE_COMMANDS):
+            raise StudyError(f"{place} must be a list of words starting with {' or '.join(PREPARE_COMMANDS)}, "
+                             f"got {words!r}")
+        if "--out" in words:
+            raise StudyError(f"{place}: --out is set by the sweep (DIR/prepared/{name}); remove it")
+    return prepare
+
+
+def _at_scale(axes: dict, scale: str) -> tuple[dict[str, dict[str, list[str]]], dict[str, str]]:
+    """The axes' levels as overrides at `scale`, and the levels that have no entry for it (level -> axis)."""
+    kept: dict[str, dict[str, list[str]]] = {}
+    absent: dict[str, str] = {}
+    for axis, levels in axes.items():
+        for level, overrides in levels.items():
+            if isinstance(overrides, dict) and scale not in overrides:
+                absent[level] = axis
+            else:
+                kept.setdefault(axis, {})[level] = overrides[scale] if isinstance(overrides, dict) else overrides
+    return kept, absent
+
+
+def _axes(axes, design: str, path: Path, scales: dict) -> dict[str, dict[str, list[str] | dict]]:
     if not isinstance(axes, dict):
         raise StudyError(f"{path}: axes must be a mapping of axis -> levels")
     owner: dict[str, str] = {}
@@ -240,7 +312,14 @@ def _axes(axes, design: str, path: Path) -> dict[str, dict[str, list[str]]]:
             if design == "one-at-a-time" and level == REFERENCE:
                 raise StudyError(f"{where}: {REFERENCE!r} names the variant of every axis' first level; rename it")
             owner[level] = axis
-            _override_list(overrides, where)
+            if isinstance(overrides, dict):  # per scale
+                for name, listed in overrides.items():
+                    if name not in scales:
+                        raise StudyError(f"{where}: a level's mapping is scale -> overrides; no scale {name!r} "
+                                         f"(scales: {', '.join(scales) or 'none'})")
+                    _override_list(listed, f"{where}.{name}")
+            else:
+                _override_list(overrides, where)
     return axes
 
 
@@ -251,6 +330,12 @@ def _check_configs(study: Study) -> None:
         apply_overrides(study.base_config(), study.overrides)
     except ConfigError as err:
         raise StudyError(f"{study.path}: base: {err}") from None
+    for item in [*study.overrides, *(o for levels in study.axes.values() for lst in levels.values() for o in lst)]:
+        for name in PREPARED.findall(item):
+            if name not in study.prepare:
+                raise StudyError(f"{study.path}: {item}: @prepared/{name} names no prepared part"
+                                 + (f" at scale {study.scale}" if study.scale else "")
+                                 + f"; prepared: {', '.join(study.prepare) or 'none'}")
     variants = study.variants()
     for variant in variants.values():
         for axis, level in variant.levels.items():
@@ -259,8 +344,8 @@ def _check_configs(study: Study) -> None:
             except ConfigError as err:
                 raise StudyError(f"{study.path}: axes.{axis}.{level}: {err}") from None
         for item in variant.overrides:
-            if item.startswith(INIT_FROM) and not item[len(INIT_FROM):].strip().startswith("@"):
-                continue  # a saved model by path: train checks it
+            if item.startswith(INIT_FROM) and not variant.starts_from:
+                continue  # a saved model by path (or a prepared one): train checks it
             source = variant.starts_from
             if item.startswith(INIT_FROM) and source not in variants:
                 raise StudyError(f"{study.path}: variant {variant.name}: train.init_from=@{source} names no "
@@ -300,9 +385,11 @@ def _in_dependency_order(variants: dict[str, Variant], path: Path) -> dict[str, 
 
 def with_sweep_settings(overrides: list[str], out: Path, seed: int, runs_dir: Path) -> list[str]:
     """The overrides of a run as the sweep launches it: `@VARIANT` replaced by that variant's run folder of the
-    same seed, and one feature cache under the sweep's folder (unless the study names its own)."""
+    same seed, `@prepared/NAME` by the prepared part's folder, and one feature cache under the sweep's folder
+    (unless the study names its own)."""
     resolved = []
     for item in overrides:
+        item = PREPARED.sub(lambda found: str(prepared_dir(out, found[1])), item)
         value = item[len(INIT_FROM):].strip() if item.startswith(INIT_FROM) else ""
         resolved.append(f"{INIT_FROM}{runs_dir / value[1:] / f'seed{seed}'}" if value.startswith("@") else item)
     if not any(item.startswith("train.feature_cache_dir=") for item in overrides):

@@ -3,7 +3,7 @@
 import pytest
 
 from vlmlab.study import (REFERENCE, StudyError, config_changes, config_fields, find_study, load_study,
-                          shipped_studies)
+                          shipped_studies, with_sweep_settings)
 
 STUDY = """
 name: queries-and-prompts
@@ -123,3 +123,66 @@ def test_every_shipped_study_is_valid():
             study.run_config(variant, study.seeds[0])
     with pytest.raises(StudyError, match="shipped studies: .*conditioning"):
         find_study("nonesuch")
+
+
+SCALED = """
+name: scaled
+base:
+  overrides: [train.max_steps=50]
+scales:
+  tiny:
+    overrides: [language.model=@prepared/lm, language.train=lora]
+    prepare: {lm: [pretrain-lm, --family, t5, --steps, "3"]}
+  colab:
+    preset: recommended
+axes:
+  queries:
+    q16: [connector.num_queries=16]
+    q8: [connector.num_queries=8]
+  lm:
+    own: []
+    gpt2: {colab: [language.model=gpt2]}
+"""
+
+
+def test_a_scale_lays_its_base_over_the_common_one_and_drops_levels_it_lacks(tmp_path):
+    path = write(tmp_path, SCALED)
+    tiny = load_study(path)  # the first scale listed is the default
+    assert (tiny.scale, tiny.scales, tiny.preset) == ("tiny", ["tiny", "colab"], "default")
+    assert tiny.overrides == ["train.max_steps=50", "language.model=@prepared/lm", "language.train=lora"]
+    assert list(tiny.variants()) == [REFERENCE, "q8"] and tiny.absent == {"gpt2": "lm"}
+    assert tiny.prepare_command("lm", tmp_path / "out") == [
+        "pretrain-lm", "--out", str(tmp_path / "out" / "prepared" / "lm"), "--family", "t5", "--steps", "3"]
+    colab = load_study(path, scale="colab")
+    assert (colab.preset, colab.prepare, colab.absent) == ("recommended", {}, {})
+    assert list(colab.variants()) == [REFERENCE, "q8", "gpt2"]
+    assert colab.variants()["gpt2"].overrides == ["connector.num_queries=16", "language.model=gpt2"]
+    assert "[scales: tiny, colab]" not in shipped_studies().get("scaled", "")  # only shipped files are listed
+
+
+def test_a_prepared_part_resolves_to_its_folder_under_the_sweep(tmp_path):
+    study = load_study(write(tmp_path, SCALED))
+    overrides = study.run_config(study.variants()[REFERENCE], 0)[1]
+    resolved = with_sweep_settings(overrides, tmp_path / "out", 0, tmp_path / "out" / "runs")
+    assert f"language.model={tmp_path / 'out' / 'prepared' / 'lm'}" in resolved
+    assert study.variants()[REFERENCE].starts_from is None  # a prepared part orders no run
+
+
+@pytest.mark.parametrize("replace, message", [
+    (("scale: ", "scale: "), None),
+    (("@prepared/lm", "@prepared/tokenizer"), "@prepared/tokenizer names no prepared part at scale tiny; "
+                                              "prepared: lm"),
+    (("[pretrain-lm,", "[train,"), "scales.tiny.prepare.lm must be a list of words starting with pretrain-lm"),
+    (('"3"]', '"3", --out, x]'), "scales.tiny.prepare.lm: --out is set by the sweep"),
+    (("{colab: [", "{kaggle: ["), "axes.lm.gpt2: a level's mapping is scale -> overrides; no scale 'kaggle' (scales: tiny, colab)"),
+    (("    preset: recommended", "    preset: recommended\n    seeds: [1]"), "scales.colab: unknown key 'seeds'"),
+])
+def test_a_mistake_in_scales_or_prepared_parts_is_one_line(tmp_path, replace, message):
+    path = write(tmp_path, SCALED.replace(*replace))
+    if message is None:
+        with pytest.raises(StudyError, match="no scale 'kaggle'; scales: tiny, colab"):
+            load_study(path, scale="kaggle")
+        return
+    with pytest.raises(StudyError) as caught:
+        load_study(path, scale="colab" if "seeds" in message else None)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
