@@ -48,10 +48,13 @@ EPILOG_SWEEP = """a study file:
     connector: {mlp: [], qformer: [connector.kind=qformer, connector.num_queries=16]}
     prompt: {qa: [], none: [data.prompt=none]}
   # a level may start from another variant's model of the same seed: [train.init_from=@VARIANT]
+  # scales (optional): {tiny: {overrides: [...], prepare: {lm: [pretrain-lm, --family, t5]}}, colab: {preset: ...}}
+  #   a level is then a list for every scale or {tiny: [...], colab: [...]}; @prepared/lm names the folder made
 
 examples:
   vlmlab sweep --list                                    # the shipped studies
   vlmlab sweep study.yaml --out runs/study --plan        # the runs, their order, time and disk
+  vlmlab sweep seed-comparison --scale colab --out runs/sc-colab --plan   # a shipped study at another scale
   vlmlab sweep study.yaml --out runs/study --jobs 2      # run (again: finished runs are skipped)
   vlmlab sweep study.yaml --out runs/study --report      # redraw report.md and the plots, nothing trained
   vlmlab sweep study.yaml --out runs/study --launcher slurm --partition gpu --time 120 --gpus 1 --jobs 16"""
@@ -132,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--plan", action="store_true", help="print the runs, their order, time and disk; run nothing")
     sweep.add_argument("--report", action="store_true", help="only redraw the report from the finished runs")
     sweep.add_argument("--list", action="store_true", help="list the shipped studies")
+    sweep.add_argument("--scale", metavar="NAME",
+                       help="which of the study's scales to run (e.g. tiny, colab; default: its first)")
     sweep.add_argument("--launcher", default="local", choices=["local", "submitit-local", "slurm"],
                        help="local processes (default), SLURM through submitit, or submitit's local executor")
     sweep.add_argument("--partition", help="--launcher slurm: the partition")
@@ -465,10 +470,10 @@ def _sweep(args) -> int:
                          "names the shipped studies")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be 1 or more, got {args.jobs}")
-    study = load_study(find_study(args.study))
+    study = load_study(find_study(args.study), args.scale)
     runs = plan_runs(study, args.out)
     if args.plan:
-        print("\n".join(plan_lines(study, estimate(study, runs), args.jobs)))
+        print("\n".join(plan_lines(study, estimate(study, runs, args.out), args.jobs)))
         return 0
     if not args.report:
         options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "cpus": args.cpus}

@@ -429,14 +429,18 @@ is not there is to be expected, so rerun a single surprising one with more seeds
 
 
 def study_header(summary: dict, ledger: dict) -> list[str]:
+    absent = ledger.get("not_at_this_scale") or {}  # level -> axis
     seeds = ", ".join(str(seed) for seed in summary["seeds"])
     rows = [[f"`{name}`", ", ".join(f"`{o}`" for o in variant["overrides"]) or "(the base)",
              str(len(variant["runs"])), str(len(variant["failed"]))] for name, variant in summary["variants"].items()]
     return [
         f"# Study: {summary['name']}", "",
         f"Design: {summary['design']}; seeds {seeds}; reference variant `{summary['reference']}`; "
-        f"{len(ledger['runs'])} runs in the ledger.", "",
+        f"{len(ledger['runs'])} runs in the ledger" + (f"; scale `{ledger['scale']}`" if ledger.get("scale") else "")
+        + ".", "",
         *markdown_table(["variant", "overrides", "finished", "failed"], rows),
+        *([f"Not run at this scale: {', '.join(f'`{level}` ({axis})' for level, axis in absent.items())}.", ""]
+          if absent else []),
         "## How to read this", "", HOW_TO_READ, "",
         f"Intervals: {summary['ci_method']}. {stats.ASSUMPTIONS}", "",
     ]
@@ -500,9 +504,13 @@ def reproduce_section(sweep_dir: Path, ledger: dict, runs: list[Run]) -> list[st
     commands = [line for run in runs for line in (f"# {run.variant}/seed{run.seed} ({run.status})",
                                                   run.ledger_entry.get("command") or "(no command recorded)")]
     study = ledger.get("study", "STUDY.yaml")  # the ledger names its study file where the sweep recorded it
-    return ["## Reproduce", "", "Each run:", "", "```", *commands, "```", "",
+    prepared = [line for name, command in ledger.get("prepared", {}).items() for line in (f"# {name}", command)]
+    return ["## Reproduce", "",
+            *(["The prepared parts, made once before the runs:", "", "```", *prepared, "```", ""] if prepared else []),
+            "Each run:", "", "```", *commands, "```", "",
             "This report, redrawn from the finished runs without training:", "",
-            "```", f"vlmlab sweep {study} --out {sweep_dir} --report", "```", ""]
+            "```", f"vlmlab sweep {study}" + (f" --scale {ledger['scale']}" if ledger.get("scale") else "")
+            + f" --out {sweep_dir} --report", "```", ""]
 
 
 def write_markdown(path: Path, summary: dict, ledger: dict, runs: list[Run], plots: set[str]) -> None:

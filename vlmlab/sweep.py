@@ -29,7 +29,8 @@ from pathlib import Path
 from vlmlab.faults import write_text_atomically
 from vlmlab.log import info, warn
 from vlmlab.registry import lookup
-from vlmlab.study import Study, StudyError, config_changes, config_fields, with_sweep_settings
+from vlmlab.study import (PREPARED, Study, StudyError, config_changes, config_fields, prepared_dir,
+                          with_sweep_settings)
 
 RUN_RECORD = "sweep_run.json"
 LEDGER = "ledger.json"
@@ -192,16 +193,67 @@ LAUNCHERS = {"local": _local, "submitit-local": _submitit("local"), "slurm": _su
 CLUSTER_DEFAULTS = {"partition": None, "time": 60, "gpus": 1, "cpus": 1}  # time in minutes, per run
 
 
+# -- prepared parts: made once, before the runs that load them ---------------------------------------------------
+def prepare_state(study: Study, out: Path, name: str) -> str:
+    """done (made by this command) | new; a part made by another command than the study now gives is an error."""
+    record_path = prepared_dir(out, name).with_suffix(".json")
+    if not record_path.is_file():
+        return "new"
+    record = json.loads(record_path.read_text())
+    command = display(_vlmlab(study.prepare_command(name, out)))
+    if record["command"] != command:
+        raise StudyError(f"prepared part {name} was made by `{record['command']}`, the study now says `{command}`; "
+                         f"remove {prepared_dir(out, name)} and {record_path} to make it again, or restore the study")
+    return "done" if record["status"] == "done" else "new"
+
+
+def _vlmlab(words: list[str]) -> list[str]:
+    return [sys.executable, "-m", "vlmlab", *words]
+
+
+def _prepare_one(study: Study, out: Path, name: str, slot: int, submit) -> str | None:
+    """Makes one prepared part into DIR/prepared/NAME; records its command and outcome beside it (NAME.json)."""
+    folder = prepared_dir(out, name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    command = _vlmlab(study.prepare_command(name, out))
+    started = time.perf_counter()
+    error = submit([command], str(folder.with_suffix(".log")), slot)
+    record = {"command": display(command), "status": "failed" if error else "done", "error": error,
+              "seconds": time.perf_counter() - started}
+    write_text_atomically(folder.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    return error
+
+
+def uses(run: Run, folder: Path) -> bool:
+    return any(str(folder) in word for word in run.command)
+
+
 def run_study(study: Study, out: Path, jobs: int = 1, launcher: str = "local", options: dict | None = None,
               runs: list[Run] | None = None) -> dict[str, str | None]:
-    """Runs what is not done yet, `jobs` at a time, each after the run it starts from; writes the ledger as runs
-    end. Returns {run key: error line or None} of the runs it started."""
+    """Makes the prepared parts not made yet, then runs what is not done yet, `jobs` at a time, each after the run
+    it starts from; writes the ledger as runs end. Returns {run key: error line or None} of the runs it started."""
     runs = runs if runs is not None else plan_runs(study, out)
     options = {**CLUSTER_DEFAULTS, "folder": str(out / "submitit"), **(options or {})}
     submit = lookup(LAUNCHERS, launcher, "launcher")(jobs, options)
     write_ledger(study, out, runs)
     pending = [run for run in runs if run.state != "done"]
     total, outcomes, failed = len(pending), {}, set()
+    to_prepare = [name for name in study.prepare if prepare_state(study, out, name) != "done"
+                  and any(uses(run, prepared_dir(out, name)) for run in pending)]
+    if to_prepare:
+        info(f"sweep {study.name}: preparing {', '.join(to_prepare)} (into {out / 'prepared'})")
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            errors = dict(zip(to_prepare, pool.map(lambda item: _prepare_one(study, out, item[1], item[0] % jobs,
+                                                                             submit), enumerate(to_prepare))))
+        for name, error in errors.items():
+            info(f"prepared {name}: " + (f"failed: {error}" if error else "done"))
+            if error:  # the runs that load it fail without running, saying so
+                for run in [r for r in pending if uses(r, prepared_dir(out, name))]:
+                    pending.remove(run)
+                    run.directory.mkdir(parents=True, exist_ok=True)
+                    _record(run, "failed", f"its prepared part {name} failed: {error}", 0.0)
+                    outcomes[run.key] = f"its prepared part {name} failed"
+                    failed.add(run.key)
     info(f"sweep {study.name}: {len(runs)} runs, {len(runs) - total} already done, {total} to run, {jobs} at a time")
 
     def finish(run: Run, error: str | None) -> None:
@@ -269,8 +321,10 @@ def write_ledger(study: Study, out: Path, runs: list[Run]) -> None:
                             "error": record["error"], "seconds": record["seconds"], "command": display(run.command)}
     variants = {name: {"overrides": variant.overrides, "levels": variant.levels}
                 for name, variant in study.variants().items()}
+    prepared = {name: display(_vlmlab(study.prepare_command(name, out))) for name in study.prepare}
     ledger = {"name": study.name, "design": study.design, "seeds": study.seeds, "reference": study.reference,
-              "study": str(study.path), "variants": variants, "runs": entries}
+              "study": str(study.path), "scale": study.scale, "not_at_this_scale": study.absent,
+              "prepared": prepared, "variants": variants, "runs": entries}
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / LEDGER, json.dumps(ledger, indent=2) + "\n")
 
@@ -279,6 +333,25 @@ def write_ledger(study: Study, out: Path, runs: list[Run]) -> None:
 # The offline default's measured rate on a 2-core CPU (README): 242 examples/s at 1.57M parameters, ~25 s of
 # evaluation. Until a run of the sweep has finished, tiny runs are estimated from it, scaled by parameters.
 REFERENCE_RATE, REFERENCE_PARAMETERS, EVAL_SECONDS = 242.0, 1.57e6, 25.0
+
+
+def is_tiny(cfg) -> bool:
+    """Parts built from scratch or loaded from a local folder (a prepared part): cheap to build for real, and
+    trained at about the offline default's rate."""
+    return all(not part.model or Path(part.model).is_dir() for part in (cfg.vision, cfg.language))
+
+
+def with_prepared(cfg, study: Study, out: Path):
+    """`cfg` with `@prepared/NAME` in vision.model and language.model replaced by the part's folder, or None while
+    one of them is not made yet (its size is not known before)."""
+    for part in (cfg.vision, cfg.language):
+        found = PREPARED.fullmatch(part.model)
+        if found:
+            folder = prepared_dir(out, found[1])
+            if not (folder / "config.json").is_file():
+                return None
+            part.model = str(folder)
+    return cfg
 
 
 def _parameters(cfg, built: dict) -> tuple[int, int, int]:
@@ -290,7 +363,7 @@ def _parameters(cfg, built: dict) -> tuple[int, int, int]:
     key = json.dumps([cfg.to_dict()[part] for part in ("vision", "connector", "language")] + [cfg.data.image_split],
                      sort_keys=True)
     if key not in built:
-        tiny = not cfg.vision.model and not cfg.language.model
+        tiny = is_tiny(cfg)
         model = build_vlm(cfg, ["a short caption: question answer"]) if tiny else build_from_architecture(cfg)
         num_features, width, _ = model.vision.feature_layout() if tiny else (0, 0, None)
         built[key] = (sum(p.numel() for p in model.parameters()),
@@ -298,7 +371,7 @@ def _parameters(cfg, built: dict) -> tuple[int, int, int]:
     return built[key]
 
 
-def estimate(study: Study, runs: list[Run]) -> list[dict]:
+def estimate(study: Study, runs: list[Run], out: Path) -> list[dict]:
     """Per run: examples to train on, parameters, seconds and bytes expected; measured where the run is done, from
     done runs of the sweep (seconds per example) where there are some, else from REFERENCE_RATE (tiny parts only)."""
     done = [json.loads((r.directory / RUN_RECORD).read_text()) | {"run": r} for r in runs if r.state == "done"]
@@ -306,7 +379,12 @@ def estimate(study: Study, runs: list[Run]) -> list[dict]:
     rows = []
     variants = study.variants()
     for run in runs:
-        cfg, _ = study.run_config(variants[run.variant], run.seed)
+        cfg = with_prepared(study.run_config(variants[run.variant], run.seed)[0], study, out)
+        if cfg is None:  # a prepared part not made yet: its size is known once it is
+            rows.append({"run": run.key, "state": run.state, "after": run.starts_from, "examples": None,
+                         "parameters": None, "trainable": None, "bytes": 0, "cache_bytes": 0, "seconds": None,
+                         "source": ""})
+            continue
         examples = cfg.train.max_steps * cfg.train.batch_size
         total, trainable, features = _parameters(cfg, built)
         row = {"run": run.key, "state": run.state, "after": run.starts_from, "examples": examples,
@@ -321,7 +399,7 @@ def estimate(study: Study, runs: list[Run]) -> list[dict]:
         elif done:
             per_example = sum(d["seconds"] / _examples(d["run"]) for d in same or done) / len(same or done)
             row["seconds"], row["source"] = per_example * examples, "from finished runs"
-        elif not cfg.vision.model and not cfg.language.model:
+        elif is_tiny(cfg):
             seconds = examples / REFERENCE_RATE * total / REFERENCE_PARAMETERS + EVAL_SECONDS
             row["seconds"], row["source"] = seconds, "rough: the offline default's 2-core rate"
         rows.append(row)
@@ -333,15 +411,21 @@ def _examples(run: Run) -> int:
     return metrics.get("train_examples_seen") or metrics.get("train_steps", 1)
 
 
+def _millions(count: int | None) -> str:
+    return "?" if count is None else f"{count / 1e6:.2f}M"
+
+
 def plan_lines(study: Study, rows: list[dict], jobs: int) -> list[str]:
     width = max(len(row["run"]) for row in rows)
     lines = [f"study {study.name} ({study.design}, seeds {', '.join(map(str, study.seeds))}): {len(rows)} runs, "
              f"in this order", f"{'run':<{width}}  {'state':<7} {'examples':>9} {'params':>8} {'trained':>8} "
              f"{'minutes':>8}  starts from"]
+    lines[1:1] = [f"made first, once: {name} (vlmlab {shlex.join(words)})" for name, words in study.prepare.items()]
     for row in rows:
         minutes = "?" if row["seconds"] is None else f"{row['seconds'] / 60:.1f}"
-        lines.append(f"{row['run']:<{width}}  {row['state']:<7} {row['examples']:>9} {row['parameters'] / 1e6:>7.2f}M "
-                     f"{row['trainable'] / 1e6:>7.2f}M {minutes:>8}  {row['after'] or '-'}")
+        total, trained = (_millions(row[key]) for key in ("parameters", "trainable"))
+        lines.append(f"{row['run']:<{width}}  {row['state']:<7} {row['examples'] or '?':>9} {total:>8} "
+                     f"{trained:>8} {minutes:>8}  {row['after'] or '-'}")
     todo = [row for row in rows if row["state"] != "done"]
     known = [row["seconds"] for row in todo if row["seconds"] is not None]
     sources = sorted({row["source"] for row in todo if row["seconds"] is not None})

@@ -136,3 +136,51 @@ def test_submitits_local_executor_runs_the_same_commands(tmp_path):
     assert main(["sweep", study_path, "--out", str(out), "--launcher", "submitit-local", "--cpus", "1"]) == 0
     assert (out / "runs" / "reference" / "seed0" / "metrics.json").is_file()
     assert list((out / "submitit").iterdir())  # the executor's own job folder
+
+
+LM = ["language.hidden_size=32", "language.num_layers=1", "language.num_heads=2", "language.vocab_size=400"]
+
+
+def prepared_study(tmp_path, lm_words: list[str]) -> str:
+    """Two levels that load a tiny LM the sweep makes first with pretrain-lm, and one that builds its own."""
+    words = json.dumps(["pretrain-lm", "--family", "t5", "--steps", "2", "--scenes", "4", *lm_words])
+    extra = ("scales:\n  tiny:\n    overrides: [data.world.generator=scatter, language.pretrain_steps=0]\n"
+             f"    prepare: {{lm: {words}}}\n")
+    axes = ("  lm:\n    own: []\n    prepared: [language.model=@prepared/lm]\n"
+            "    prepared_lora: [language.model=@prepared/lm, language.train=lora]\n")
+    return study_file(tmp_path, axes, seeds="[0]", extra=extra)
+
+
+def test_a_prepared_part_is_made_once_before_the_runs_that_load_it(tmp_path, capsys):
+    study_path, out = prepared_study(tmp_path, LM), tmp_path / "out"
+    assert main(["sweep", study_path, "--out", str(out), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert "made first, once: lm (vlmlab pretrain-lm --family t5" in plan
+    assert any(line.startswith("prepared/seed0") and "?" in line for line in plan.splitlines())
+    assert main(["sweep", study_path, "--out", str(out)]) == 0
+    lm = out / "prepared" / "lm"
+    assert json.loads((out / "prepared" / "lm.json").read_text())["status"] == "done"
+    assert (lm / "config.json").is_file() and (lm / "recipe.json").is_file()
+    for variant in ("prepared", "prepared_lora"):
+        assert f"model: {lm}" in (out / "runs" / variant / "seed0" / "config.yaml").read_text()
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["scale"] == "tiny" and ledger["prepared"]["lm"].startswith("vlmlab pretrain-lm --out")
+    report = (out / "report.md").read_text()
+    assert "scale `tiny`" in report and ledger["prepared"]["lm"] in report and "--scale tiny" in report
+    made = (lm / "config.json").stat().st_mtime_ns
+    assert main(["sweep", study_path, "--out", str(out)]) == 0  # made once: nothing to do the second time
+    assert (lm / "config.json").stat().st_mtime_ns == made
+    text = (tmp_path / "study.yaml").read_text()
+    (tmp_path / "study.yaml").write_text(text.replace('"--steps", "2"', '"--steps", "3"'))
+    assert main(["sweep", study_path, "--out", str(out)]) == 2  # another command for the same name: refused
+    assert "prepared part lm was made by" in capsys.readouterr().err
+
+
+def test_a_failed_prepared_part_fails_the_runs_that_load_it_and_no_other(tmp_path):
+    study_path, out = prepared_study(tmp_path, [*LM, "language.model=gpt2"]), tmp_path / "out"
+    assert main(["sweep", study_path, "--out", str(out)]) == 1
+    runs = json.loads((out / "ledger.json").read_text())["runs"]
+    assert runs["reference/seed0"]["status"] == "done"
+    for key in ("prepared/seed0", "prepared_lora/seed0"):
+        assert runs[key]["status"] == "failed" and "its prepared part lm failed" in runs[key]["error"]
+        assert "language.model='gpt2' is not allowed here" in runs[key]["error"]
