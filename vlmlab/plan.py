@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
@@ -67,14 +68,18 @@ class Gpu:
     name: str
     memory_gib: float  # total memory as `torch.cuda.get_device_properties(0).total_memory` reports it (approx.)
     bf16: bool  # bf16 tensor cores (Ampere and later); without them fp16 with a loss scaler
+    half_tflops: float  # the vendor's dense fp16/bf16 tensor-core peak (without sparsity)
 
 
 GPUS = {
-    "t4": Gpu("NVIDIA T4 16 GB", 14.7, bf16=False),
-    "l4": Gpu("NVIDIA L4 24 GB", 22.0, bf16=True),
-    "a100-40g": Gpu("NVIDIA A100 40 GB", 39.4, bf16=True),
-    "a100-80g": Gpu("NVIDIA A100 80 GB", 79.1, bf16=True),
+    "t4": Gpu("NVIDIA T4 16 GB", 14.7, bf16=False, half_tflops=65.0),
+    "l4": Gpu("NVIDIA L4 24 GB", 22.0, bf16=True, half_tflops=121.0),
+    "a100-40g": Gpu("NVIDIA A100 40 GB", 39.4, bf16=True, half_tflops=312.0),
+    "a100-80g": Gpu("NVIDIA A100 80 GB", 79.1, bf16=True, half_tflops=312.0),
 }
+# The share of that peak a training step of these models sustains, assumed (not measured here): small matmuls,
+# fp32 layers and the optimizer keep it well below 1. The time it gives is a planning figure, good to about 2x.
+ASSUMED_UTILISATION = 0.25
 
 
 def _t5(d_model: int, d_ff: int, layers: int, heads: int) -> T5Config:
@@ -309,6 +314,33 @@ def fill_peak(model: VLM, optimizer: torch.optim.Optimizer, cfg: Config, micro_b
     return tracker.peak
 
 
+def step_flops(model: VLM, optimizer: torch.optim.Optimizer, cfg: Config, micro_batch: int,
+               amp_dtype: torch.dtype | None, cached: bool) -> int:
+    """Floating-point operations of one training micro-step (forward, backward with any recomputation, update) at
+    the longest prompts and targets, counted op by op by torch's FlopCounterMode on the fake tensors."""
+    inputs = step_inputs(model, cfg, micro_batch, cached)
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, optimizer, inputs, amp_dtype)
+    return counter.get_total_flops()
+
+
+def fill_flops(model: VLM, cfg: Config, amp_dtype: torch.dtype | None) -> int:
+    """Floating-point operations of the tower on one image, as the feature cache's fill runs it."""
+    pixels = step_inputs(model, cfg, 1)[0]
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.autocast(
+            model.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        model.vision(pixels)
+    return counter.get_total_flops()
+
+
+def training_hours(flops: dict, cfg: Config, gpu_name: str) -> float:
+    """GPU hours of `cfg`'s training at the plan's proposal: its steps' FLOPs plus the cache fill's (one tower
+    pass per training example at most, data.train_size), at ASSUMED_UTILISATION of the GPU's peak; evaluation
+    not counted."""
+    total = flops["per_step"] * cfg.train.max_steps + flops["fill_per_image"] * (cfg.data.train_size or 0)
+    return total / (GPUS[gpu_name].half_tflops * 1e12 * ASSUMED_UTILISATION) / 3600
+
+
 def warm_optimizer(model: VLM) -> torch.optim.Optimizer:
     """AdamW (as `vlmlab train` makes it, fused on CUDA) with its two moment tensors per weight already made."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -364,6 +396,10 @@ def plan(cfg: Config, gpu_name: str) -> dict:
             if row["fits"]:
                 proposal = row
                 break
+        chosen = proposal or tried[-1]  # its micro-batch and checkpointing are the model's state now
+        flops = {"per_step": chosen["grad_accum"] * step_flops(model, optimizer, cfg, chosen["micro_batch"],
+                                                               amp_dtype, cached),
+                 "fill_per_image": fill_flops(model, cfg, amp_dtype) if cached else 0}
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]
     notes = []
     fp32_modules = getattr(model.language.model, "_keep_in_fp32_modules", None)
@@ -388,6 +424,8 @@ def plan(cfg: Config, gpu_name: str) -> dict:
         },
         "notes": notes,
         "tried": tried,
+        "flops": flops,
+        "hours": training_hours(flops, cfg, gpu_name),
         "proposal": None if proposal is None else {
             "train.batch_size": cfg.train.batch_size,
             "train.grad_accum": proposal["grad_accum"],
@@ -443,5 +481,9 @@ def plan_lines(name: str, result: dict) -> list[str]:
     else:
         overrides = " ".join(f"{k}={str(v).lower()}" for k, v in result["proposal"].items())
         lines.append(f"proposal: vlmlab train --preset {name} --out runs/{name} {overrides}")
+    if result["proposal"] is not None:
+        lines.append(f"time: about {result['hours']:.1f} GPU hours of training ({result['flops']['per_step'] / 1e12:.1f}"
+                     f" TFLOP a step; at {ASSUMED_UTILISATION:.0%} of the {gpu.half_tflops:g} TFLOPS half-precision "
+                     f"peak, an assumption good to about 2x; evaluation not counted)")
     return lines
 

@@ -17,10 +17,13 @@ from vlmlab.plan import (
     Gpu,
     build_from_architecture,
     candidates,
+    fill_flops,
     plan,
     plan_lines,
+    step_flops,
     step_peak,
     to_fake,
+    training_hours,
     warm_optimizer,
 )
 from vlmlab.presets import get_preset
@@ -81,6 +84,23 @@ def test_plan_counts_the_cache_fill_and_the_parked_tower(checkpoints):
     assert peaks[0] < peaks[1] <= peaks[2]
 
 
+def test_the_simulated_steps_flops_are_a_real_steps_and_give_the_time(checkpoints):
+    cfg = family_config(checkpoints, "clip", "t5", "language.train=lora", "data.train_size=100", *TINY)
+    result = plan(cfg, "t4")
+    torch.manual_seed(0)
+    model = build_vlm(cfg).train()  # real weights, the same shapes
+    micro, accum = result["proposal"]["train.batch_size"] // result["proposal"]["train.grad_accum"], \
+        result["proposal"]["train.grad_accum"]
+    assert result["flops"]["per_step"] == accum * step_flops(model, warm_optimizer(model), cfg, micro, None, True)
+    assert result["flops"]["fill_per_image"] == fill_flops(model, cfg, None) > 0  # the tower on one image
+    assert training_hours(result["flops"], cfg, "a100-80g") < result["hours"]
+    steps = cfg.train.max_steps
+    added = training_hours(result["flops"], apply_overrides(cfg, [f"train.max_steps={2 * steps}"]), "t4") \
+        - result["hours"]  # the steps' share, at a quarter of the T4's 65 TFLOPS
+    assert added * 3600 == pytest.approx(result["flops"]["per_step"] * steps / (65e12 * 0.25))
+    assert "GPU hours of training" in "\n".join(plan_lines("default", result))
+
+
 def test_tied_and_untied_output_layers_are_counted_as_saved(checkpoints):
     for language in ("t5", "gpt2"):
         cfg = family_config(checkpoints, "clip", language, "language.train=full")
@@ -103,7 +123,7 @@ def test_proposal_is_the_first_candidate_that_fits(checkpoints, monkeypatch):
                                  "train.precision": "bf16"}
     # A GPU one byte short of what the whole batch needs: the plan goes on to accumulation.
     needed = roomy["tried"][0]["peak_bytes"] * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB * GIB
-    monkeypatch.setitem(GPUS, "small", Gpu("small", (needed - 1) / GIB, bf16=True))
+    monkeypatch.setitem(GPUS, "small", Gpu("small", (needed - 1) / GIB, bf16=True, half_tflops=100.0))
     tight = plan(cfg, "small")
     assert [row["fits"] for row in tight["tried"]] == [False, True]
     assert tight["proposal"]["train.grad_accum"] == 2 and not tight["proposal"]["train.gradient_checkpointing"]
