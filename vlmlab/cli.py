@@ -135,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--plan", action="store_true", help="print the runs, their order, time and disk; run nothing")
     sweep.add_argument("--report", action="store_true", help="only redraw the report from the finished runs")
     sweep.add_argument("--list", action="store_true", help="list the shipped studies")
+    sweep.add_argument("--gpu", default="t4", choices=["t4", "l4", "a100-40g", "a100-80g"],
+                       help="--plan: the GPU whose time runs with pretrained parts are estimated on (default t4)")
     sweep.add_argument("--scale", metavar="NAME",
                        help="which of the study's scales to run (e.g. tiny, colab; default: its first)")
     sweep.add_argument("--launcher", default="local", choices=["local", "submitit-local", "slurm"],
@@ -473,7 +475,7 @@ def _sweep(args) -> int:
     study = load_study(find_study(args.study), args.scale)
     runs = plan_runs(study, args.out)
     if args.plan:
-        print("\n".join(plan_lines(study, estimate(study, runs, args.out), args.jobs)))
+        print("\n".join(plan_lines(study, estimate(study, runs, args.out, args.gpu), args.jobs)))
         return 0
     if not args.report:
         options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "cpus": args.cpus}

@@ -333,6 +333,7 @@ def write_ledger(study: Study, out: Path, runs: list[Run]) -> None:
 # The offline default's measured rate on a 2-core CPU (README): 242 examples/s at 1.57M parameters, ~25 s of
 # evaluation. Until a run of the sweep has finished, tiny runs are estimated from it, scaled by parameters.
 REFERENCE_RATE, REFERENCE_PARAMETERS, EVAL_SECONDS = 242.0, 1.57e6, 25.0
+COLAB_SESSION_HOURS = 12
 
 
 def is_tiny(cfg) -> bool:
@@ -371,11 +372,13 @@ def _parameters(cfg, built: dict) -> tuple[int, int, int]:
     return built[key]
 
 
-def estimate(study: Study, runs: list[Run], out: Path) -> list[dict]:
+def estimate(study: Study, runs: list[Run], out: Path, gpu: str = "t4") -> list[dict]:
     """Per run: examples to train on, parameters, seconds and bytes expected; measured where the run is done, from
-    done runs of the sweep (seconds per example) where there are some, else from REFERENCE_RATE (tiny parts only)."""
+    done runs of the sweep (seconds per example) where there are some, else from REFERENCE_RATE (tiny parts) or
+    from `vlmlab plan`'s FLOP count on `gpu` (pretrained parts)."""
     done = [json.loads((r.directory / RUN_RECORD).read_text()) | {"run": r} for r in runs if r.state == "done"]
     built: dict = {}
+    planned: dict = {}
     rows = []
     variants = study.variants()
     for run in runs:
@@ -402,8 +405,22 @@ def estimate(study: Study, runs: list[Run], out: Path) -> list[dict]:
         elif is_tiny(cfg):
             seconds = examples / REFERENCE_RATE * total / REFERENCE_PARAMETERS + EVAL_SECONDS
             row["seconds"], row["source"] = seconds, "rough: the offline default's 2-core rate"
+        else:
+            row["seconds"], row["source"] = _gpu_seconds(cfg, gpu, planned), f"GPU time on one {gpu}, from plan"
         rows.append(row)
     return rows
+
+
+def _gpu_seconds(cfg, gpu: str, planned: dict) -> float:
+    """Training seconds of `cfg` on `gpu` by `vlmlab plan` (its FLOPs at the proposal), one plan per config
+    that differs in more than seed and steps."""
+    from vlmlab.plan import plan, training_hours
+
+    fields = {key: value for key, value in config_fields(cfg).items() if key not in ("train.seed", "train.max_steps")}
+    key = json.dumps(fields, sort_keys=True, default=str)
+    if key not in planned:
+        planned[key] = plan(cfg, gpu)
+    return training_hours(planned[key]["flops"], cfg, gpu) * 3600
 
 
 def _examples(run: Run) -> int:
@@ -430,9 +447,22 @@ def plan_lines(study: Study, rows: list[dict], jobs: int) -> list[str]:
     known = [row["seconds"] for row in todo if row["seconds"] is not None]
     sources = sorted({row["source"] for row in todo if row["seconds"] is not None})
     disk = sum(row["bytes"] for row in rows) + max((row["cache_bytes"] for row in rows), default=0) * len(study.seeds)
-    lines.append(f"to run: {len(todo)} runs, about {sum(known) / 60 / jobs:.0f} minutes with --jobs {jobs} "
-                 f"({'; '.join(sources) or 'nothing to run'})"
-                 + (f"; {len(todo) - len(known)} runs with pretrained parts not estimated (time one run first; "
-                    "`vlmlab plan --preset NAME --gpu t4` for memory)" if len(known) < len(todo) else ""))
+    unmade = sum(row["examples"] is None for row in todo)  # a prepared part not made yet: sizes unknown
+    unknown = [f"{unmade} runs wait for their prepared parts (sized once the sweep has made them)"] if unmade else []
+    if len(todo) - len(known) - unmade:
+        unknown.append(f"{len(todo) - len(known) - unmade} runs with pretrained parts not estimated (time one run "
+                       "first; `vlmlab plan --preset NAME --gpu t4` for memory)")
+    lines.append(f"to run: {len(todo)} runs"
+                 + (f", about {sum(known) / 60 / jobs:.0f} minutes with --jobs {jobs} ({'; '.join(sources)})"
+                    if known else "") + "".join(f"; {part}" for part in unknown))
     lines.append(f"disk: about {disk / 2**20:.0f} MiB (models, checkpoints with optimizer states, feature cache)")
+    on_gpu = [row for row in todo if row["source"].startswith("GPU time")]
+    if on_gpu:
+        longest = max(sum(row["seconds"] for row in on_gpu if row["run"].endswith(f"/seed{seed}"))
+                      for seed in study.seeds) / 3600
+        lines.append(f"one seed's runs on one GPU: about {longest:.1f} h of training, evaluation not counted; "
+                     + ("within" if longest <= COLAB_SESSION_HOURS else "more than")
+                     + f" a Colab session (at most {COLAB_SESSION_HOURS} h, a free one often less). Cut off, the "
+                     "same sweep command in a new session skips the finished runs and resumes a cut one from its "
+                     "last checkpoint (train.save_every); on a cluster, --launcher slurm runs them side by side")
     return lines

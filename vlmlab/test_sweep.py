@@ -8,7 +8,7 @@ import torch
 
 from vlmlab.cli import main
 from vlmlab.study import load_study
-from vlmlab.sweep import RUN_RECORD, plan_runs
+from vlmlab.sweep import RUN_RECORD, plan_lines, plan_runs
 from vlmlab.test_model import SMALL
 
 TINY = [*SMALL, "vision.train=frozen", "data.train_images=16", "data.eval_images=4", "train.batch_size=8",
@@ -156,6 +156,7 @@ def test_a_prepared_part_is_made_once_before_the_runs_that_load_it(tmp_path, cap
     assert main(["sweep", study_path, "--out", str(out), "--plan"]) == 0
     plan = capsys.readouterr().out
     assert "made first, once: lm (vlmlab pretrain-lm --family t5" in plan
+    assert "2 runs wait for their prepared parts" in plan
     assert any(line.startswith("prepared/seed0") and "?" in line for line in plan.splitlines())
     assert main(["sweep", study_path, "--out", str(out)]) == 0
     lm = out / "prepared" / "lm"
@@ -184,3 +185,18 @@ def test_a_failed_prepared_part_fails_the_runs_that_load_it_and_no_other(tmp_pat
     for key in ("prepared/seed0", "prepared_lora/seed0"):
         assert runs[key]["status"] == "failed" and "its prepared part lm failed" in runs[key]["error"]
         assert "language.model='gpt2' is not allowed here" in runs[key]["error"]
+
+
+def test_plan_says_whether_one_seeds_gpu_runs_fit_a_colab_session(tmp_path):
+    study = load_study(study_file(tmp_path, TWO_LEVELS))
+    source = "GPU time on one t4, from plan"
+    row = {"state": "new", "after": None, "examples": 1000, "parameters": 6e8, "trainable": 6e7, "bytes": 0,
+           "cache_bytes": 0, "source": source}
+    hours = {"reference": 5.0, "q2": 4.0}
+    rows = [{**row, "run": f"{variant}/seed{seed}", "seconds": hours[variant] * 3600}
+            for variant in hours for seed in (0, 1)]
+    text = "\n".join(plan_lines(study, rows, jobs=1))
+    assert "one seed's runs on one GPU: about 9.0 h of training" in text and "within a Colab session" in text
+    rows[0]["seconds"] = 9 * 3600
+    text = "\n".join(plan_lines(study, rows, jobs=1))
+    assert "about 13.0 h" in text and "more than a Colab session" in text and "resumes a cut one" in text
