@@ -118,8 +118,9 @@ def test_every_shipped_study_is_valid():
     names = shipped_studies()
     assert "conditioning" in names and all(names.values())
     for name in names:
-        for scale in load_study(find_study(name)).scales or [None]:
-            study = load_study(find_study(name), scale)
+        path = find_study(name)
+        for scale in load_study(path).scales or [None]:
+            study = load_study(path, scale)
             for variant in study.variants().values():
                 study.run_config(variant, study.seeds[0])
     with pytest.raises(StudyError, match="shipped studies: .*conditioning"):
