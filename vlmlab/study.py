@@ -166,6 +166,12 @@ def find_study(name_or_path: str) -> Path:
     raise StudyError(f"study file not found: {name_or_path} (shipped studies: {names})")
 
 
+def study_argument(path: Path) -> str:
+    """What `vlmlab sweep` is given to find this study again: a shipped study's name (its file lives inside the
+    installed package, a path that differs per machine), else the path."""
+    return path.stem if path.resolve() == (SHIPPED / path.name).resolve() else str(path)
+
+
 def shipped_studies() -> dict[str, str]:
     """name -> first line of its description, for `vlmlab sweep --list`."""
     found = {}

@@ -3,7 +3,7 @@
 import pytest
 
 from vlmlab.study import (REFERENCE, StudyError, config_changes, config_fields, find_study, load_study,
-                          shipped_studies, with_sweep_settings)
+                          shipped_studies, study_argument, with_sweep_settings)
 
 STUDY = """
 name: queries-and-prompts
@@ -125,6 +125,13 @@ def test_every_shipped_study_is_valid():
                 study.run_config(variant, study.seeds[0])
     with pytest.raises(StudyError, match="shipped studies: .*conditioning"):
         find_study("nonesuch")
+
+
+def test_a_shipped_study_is_given_again_by_name_and_any_other_by_its_path(tmp_path):
+    # The report's Reproduce line: a shipped file's path is inside this machine's installed package.
+    assert study_argument(find_study("conditioning")) == "conditioning"
+    own = write(tmp_path, STUDY.format(design="grid"), name="conditioning.yaml")
+    assert study_argument(own) == str(own)
 
 
 SCALED = """
