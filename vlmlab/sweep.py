@@ -29,7 +29,7 @@ from pathlib import Path
 from vlmlab.faults import write_text_atomically
 from vlmlab.log import info, warn
 from vlmlab.registry import lookup
-from vlmlab.study import (PREPARED, Study, StudyError, config_changes, config_fields, prepared_dir,
+from vlmlab.study import (PREPARED, Study, StudyError, config_changes, config_fields, prepared_dir, study_argument,
                           with_sweep_settings)
 
 RUN_RECORD = "sweep_run.json"
@@ -323,7 +323,7 @@ def write_ledger(study: Study, out: Path, runs: list[Run]) -> None:
                 for name, variant in study.variants().items()}
     prepared = {name: display(_vlmlab(study.prepare_command(name, out))) for name in study.prepare}
     ledger = {"name": study.name, "design": study.design, "seeds": study.seeds, "reference": study.reference,
-              "study": str(study.path), "scale": study.scale, "not_at_this_scale": study.absent,
+              "study": study_argument(study.path), "scale": study.scale, "not_at_this_scale": study.absent,
               "prepared": prepared, "variants": variants, "runs": entries}
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / LEDGER, json.dumps(ledger, indent=2) + "\n")
@@ -355,11 +355,14 @@ def with_prepared(cfg, study: Study, out: Path):
     return cfg
 
 
-def _parameters(cfg, built: dict) -> tuple[int, int, int]:
-    """(total, trainable, feature floats per image) of the config's model, built once per architecture: tiny
-    parts for real (small), pretrained ones at their real shapes on the meta device (nothing downloaded)."""
+def _parameters(cfg, built: dict) -> tuple[int, int, int, int]:
+    """(total, trainable, saved, feature floats per image) of the config's model, built once per architecture:
+    tiny parts for real (small), pretrained ones at their real shapes on the meta device (nothing downloaded).
+    `saved` leaves out the frozen weights of a part saved by reference (a named checkpoint, frozen or with an
+    adapter): a run folder holds only its name and adapter."""
     from vlmlab.model import build_vlm
     from vlmlab.plan import build_from_architecture
+    from vlmlab.tuning import saved_by_reference
 
     key = json.dumps([cfg.to_dict()[part] for part in ("vision", "connector", "language")] + [cfg.data.image_split],
                      sort_keys=True)
@@ -367,8 +370,11 @@ def _parameters(cfg, built: dict) -> tuple[int, int, int]:
         tiny = is_tiny(cfg)
         model = build_vlm(cfg, ["a short caption: question answer"]) if tiny else build_from_architecture(cfg)
         num_features, width, _ = model.vision.feature_layout() if tiny else (0, 0, None)
-        built[key] = (sum(p.numel() for p in model.parameters()),
-                      sum(p.numel() for p in model.parameters() if p.requires_grad), num_features * width)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        by_reference = sum(p.numel() for part in ("vision", "language") if saved_by_reference(getattr(cfg, part))
+                           for p in getattr(model, part).parameters() if not p.requires_grad)
+        built[key] = (total, trainable, total - by_reference, num_features * width)
     return built[key]
 
 
@@ -389,11 +395,11 @@ def estimate(study: Study, runs: list[Run], out: Path, gpu: str = "t4") -> list[
                          "source": ""})
             continue
         examples = cfg.train.max_steps * cfg.train.batch_size
-        total, trainable, features = _parameters(cfg, built)
+        total, trainable, saved, features = _parameters(cfg, built)
         row = {"run": run.key, "state": run.state, "after": run.starts_from, "examples": examples,
                "parameters": total, "trainable": trainable,
                # model/ and checkpoint/model in fp32, AdamW's two moments per trained weight in the checkpoint
-               "bytes": 4 * total * 2 + 8 * trainable, "cache_bytes": 0, "seconds": None, "source": ""}
+               "bytes": 4 * saved * 2 + 8 * trainable, "cache_bytes": 0, "seconds": None, "source": ""}
         if cfg.data.train == "synthetic" and features and cfg.vision.train == "frozen":
             row["cache_bytes"] = 2 * features * (cfg.data.train_images + 2 * cfg.data.eval_images)  # fp16
         same = [d for d in done if d["variant"] == run.variant]

@@ -8,7 +8,7 @@ import torch
 
 from vlmlab.cli import main
 from vlmlab.study import load_study
-from vlmlab.sweep import RUN_RECORD, plan_lines, plan_runs
+from vlmlab.sweep import RUN_RECORD, estimate, plan_lines, plan_runs
 from vlmlab.test_model import SMALL
 
 TINY = [*SMALL, "vision.train=frozen", "data.train_images=16", "data.eval_images=4", "train.batch_size=8",
@@ -200,3 +200,18 @@ def test_plan_says_whether_one_seeds_gpu_runs_fit_a_colab_session(tmp_path):
     rows[0]["seconds"] = 9 * 3600
     text = "\n".join(plan_lines(study, rows, jobs=1))
     assert "about 13.0 h" in text and "more than a Colab session" in text and "resumes a cut one" in text
+
+
+def test_the_disk_estimate_counts_what_the_run_folders_hold(tmp_path):
+    # A part saved by reference (here the prepared LM with LoRA) keeps only its adapter in the run folder.
+    study_path, out = prepared_study(tmp_path, LM), tmp_path / "out"
+    assert main(["sweep", study_path, "--out", str(out)]) == 0
+    study = load_study(study_path)
+    runs = plan_runs(study, out)
+    estimated = {row["run"]: row["bytes"] for row in estimate(study, runs, out)}
+    held = {run.key: sum(path.stat().st_size for part in ("model", "checkpoint")
+                         for path in (run.directory / part).rglob("*") if path.suffix in (".safetensors", ".pt"))
+            for run in runs}
+    assert held["prepared_lora/seed0"] < 0.7 * held["prepared/seed0"]
+    for key, size in held.items():
+        assert 0.8 * size < estimated[key] < 1.2 * size, key
