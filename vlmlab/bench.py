@@ -107,7 +107,8 @@ class Parts:
 def _architecture(section, key: str):
     if section.model in KNOWN_ARCHITECTURES:
         return KNOWN_ARCHITECTURES[section.model]()
-    return pretrained_config(key, section.model, section.trust_remote_code, section.revision)
+    return pretrained_config(key, section.model, section.trust_remote_code, section.revision,
+                             getattr(section, "gguf_file", ""))
 
 
 def _layout(steps: int, batch_size: int, per_image: float, seed: int, image_size: int) -> tuple[list, list]:

@@ -95,6 +95,9 @@ class LanguageConfig:
     train_padding_as_eos: bool = False
     trust_remote_code: bool = False  # run code shipped with a hub checkpoint; only for checkpoints you trust
     revision: str = ""  # hub branch, tag or commit of language.model ("": the default branch); a local path has none
+    # A GGUF file in language.model's folder or hub repo (llama.cpp's format, e.g. SmolLM2-135M-Instruct.Q4_1.gguf):
+    # config, tokenizer and weights come from it, dequantised by transformers (needs the `gguf` package).
+    gguf_file: str = ""
     dtype: str = "fp32"  # its weights: fp32 | fp16 | bf16 (half: frozen / LoRA / DoRA bases only, half the memory)
     # Written by vlmlab, not an option: what language.model resolved to when the run began, `commit:<hub commit>` or
     # `sha256:<hash of the local folder's files>` ("": built from scratch). Loading a saved model compares it.
@@ -299,6 +302,13 @@ def _refuse(key: str, value, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is not allowed; {allowed}")
 
 
+def read_from_folder(section: VisionConfig | LanguageConfig, folder: str) -> None:
+    """Points a part at a folder vlmlab saved it to: plain safetensors there, so no hub revision or GGUF file."""
+    section.model, section.revision = folder, ""
+    if isinstance(section, LanguageConfig):
+        section.gguf_file = ""
+
+
 def validate(cfg: Config) -> Config:
     """Checks values against what each field allows; raises a ConfigError naming the key, the value and the rule.
 
@@ -323,6 +333,9 @@ def validate(cfg: Config) -> Config:
     if cfg.language.pretrain_steps and cfg.language.model:
         raise _refuse("language.pretrain_steps", cfg.language.pretrain_steps,
                       f"it pretrains a tiny LM built from scratch, and language.model={cfg.language.model!r} is set")
+    if cfg.language.gguf_file and not cfg.language.model:
+        raise _refuse("language.gguf_file", cfg.language.gguf_file,
+                      "it names a file in language.model's folder or hub repo, and language.model is not set")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise _refuse("eval.min_new_tokens", cfg.eval.min_new_tokens,
                       f"it must not exceed eval.max_new_tokens={cfg.eval.max_new_tokens}")

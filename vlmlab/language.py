@@ -352,23 +352,26 @@ class LanguageModel(nn.Module):
 
 
 def load_pretrained(name: str, trust_remote_code: bool = False, revision: str = "",
-                    dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A hub name or local path (at hub `revision`) -> (LM, tokenizer); the LM class follows the checkpoint's config."""
-    config = pretrained_config("language.model", name, trust_remote_code, revision)
-    tokenizer = pretrained_tokenizer("language.model", name, trust_remote_code, revision)
+                    dtype: torch.dtype = torch.float32, gguf_file: str = "") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A hub name or local path (at hub `revision`; from its GGUF file `gguf_file` if given) -> (LM, tokenizer);
+    the LM class follows the checkpoint's config."""
+    config = pretrained_config("language.model", name, trust_remote_code, revision, gguf_file)
+    tokenizer = pretrained_tokenizer("language.model", name, trust_remote_code, revision, gguf_file)
     if tokenizer.pad_token is None:
         # GPT-2 ships no pad token. Reusing EOS is harmless here: labels never come from comparing ids with pad.
         tokenizer.pad_token = tokenizer.eos_token
     if family_of(config) is not None:  # a whole BLIP-2 / InstructBLIP checkpoint: its LM and tokenizer
         return load_part(config, "language", "language.model", name, trust_remote_code, revision, dtype), tokenizer
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return pretrained_model(model_class, "language.model", name, trust_remote_code, revision, dtype=dtype), tokenizer
+    return pretrained_model(model_class, "language.model", name, trust_remote_code, revision, gguf_file,
+                            dtype=dtype), tokenizer
 
 
 def build_language(cfg: LanguageConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:
     """Loads `cfg.model`, or builds a tiny LM of `cfg.family` around `tokenizer` (trained on the data)."""
     if cfg.model:
-        model, tokenizer = load_pretrained(cfg.model, cfg.trust_remote_code, cfg.revision, WEIGHT_DTYPES[cfg.dtype])
+        model, tokenizer = load_pretrained(cfg.model, cfg.trust_remote_code, cfg.revision, WEIGHT_DTYPES[cfg.dtype],
+                                           cfg.gguf_file)
     else:
         if tokenizer is None:
             raise ValueError("a tiny language model needs a tokenizer trained on the data")

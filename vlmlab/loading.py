@@ -44,25 +44,40 @@ def _cannot_load(key: str, name: str, err: Exception) -> CheckpointError:
     return CheckpointError(f"{key}={name!r} cannot be loaded: {_first_line(err)}{hint}")
 
 
-def pretrained_config(key: str, name: str, trust_remote_code: bool, revision: str = ""):
-    """The transformers config of checkpoint `name` at hub `revision` ("": the default branch); `key` is the
-    config field that named it (for messages)."""
+def _gguf(gguf_file: str) -> dict:
+    """from_pretrained's option for a GGUF checkpoint; transformers reads it only when the `gguf` package is there."""
+    if not gguf_file:
+        return {}
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision or None)
+        import gguf  # noqa: F401
+    except ImportError:
+        raise CheckpointError(f"language.gguf_file={gguf_file!r} needs the gguf package: pip install gguf") from None
+    return {"gguf_file": gguf_file}
+
+
+def pretrained_config(key: str, name: str, trust_remote_code: bool, revision: str = "", gguf_file: str = ""):
+    """The transformers config of checkpoint `name` at hub `revision` ("": the default branch), or of its GGUF file
+    `gguf_file`; `key` is the config field that named it (for messages)."""
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision or None,
+                                          **_gguf(gguf_file))
     except (OSError, ValueError) as err:
         raise _cannot_load(key, name, err) from None
 
 
-def pretrained_tokenizer(key: str, name: str, trust_remote_code: bool, revision: str = ""):
+def pretrained_tokenizer(key: str, name: str, trust_remote_code: bool, revision: str = "", gguf_file: str = ""):
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision or None)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision or None,
+                                             **_gguf(gguf_file))
     except (OSError, ValueError) as err:
         raise _cannot_load(key, name, err) from None
 
 
-def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool, revision: str = "", **options):
-    """`model_class.from_pretrained(name, revision=, **options)` from safetensors only; refuses weights of the wrong
-    shape. `options` e.g. `config=` and `key_mapping=` load one part of a composite checkpoint (blip2.py).
+def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool, revision: str = "",
+                     gguf_file: str = "", **options):
+    """`model_class.from_pretrained(name, revision=, **options)` from safetensors only, or from the GGUF file
+    `gguf_file` (a tensor format that runs no code when read, as safetensors); refuses weights of the wrong shape.
+    `options` e.g. `config=` and `key_mapping=` load one part of a composite checkpoint (blip2.py).
 
     Returns the model with `loading_info` set: transformers' `missing_keys` and `unexpected_keys` (sets of names).
     """
@@ -71,18 +86,33 @@ def pretrained_model(model_class, key: str, name: str, trust_remote_code: bool, 
             name,
             trust_remote_code=trust_remote_code,
             revision=revision or None,  # a local path ignores it
-            use_safetensors=True,
+            use_safetensors=None if gguf_file else True,
             output_loading_info=True,
+            **_gguf(gguf_file),
             ignore_mismatched_sizes=True,  # reported below as an error that names the keys, not as a bare report
             **options,
         )
     except (OSError, ValueError, SafetensorError) as err:
         raise _cannot_load(key, name, err) from None
+    if gguf_file:
+        _unmark_gguf(model, gguf_file)
     if info["mismatched_keys"]:
         raise CheckpointError(f"{key}={name!r}: weights do not fit the checkpoint's config.json "
                               f"({_key_report([], [], sorted(info['mismatched_keys']))})")
     model.loading_info = {"missing_keys": set(info["missing_keys"]), "unexpected_keys": set(info["unexpected_keys"])}
     return model
+
+
+def _unmark_gguf(model: nn.Module, gguf_file: str) -> None:
+    """transformers reads a GGUF file's weights dequantised into ordinary float tensors, yet leaves the model marked
+    as GGUF-quantised: save_pretrained would refuse it and a saved config.json would ask for the file again. The
+    weights are plain, so the mark goes; packed blocks (transformers' GGUF kernels) cannot train and are refused."""
+    if any(not param.is_floating_point() for param in model.parameters()):
+        raise CheckpointError(f"language.gguf_file={gguf_file!r}: its weights stayed in packed GGUF blocks, "
+                              "which cannot train; vlmlab needs them dequantised")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _key_report(missing: list[str], unexpected: list[str], mismatched: list[tuple]) -> str:

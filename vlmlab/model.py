@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlmlab.blip2 import as_is_config, half_precision, is_checkpoint
-from vlmlab.config import Config, ConfigError, load_config, save_config
+from vlmlab.config import Config, ConfigError, load_config, read_from_folder, save_config
 from vlmlab.connectors import build_connector
 from vlmlab.images import ImagePrep, load_image, num_views
 from vlmlab.language import LanguageModel, build_language
@@ -179,7 +179,7 @@ class VLM(nn.Module):
         parts = copy.deepcopy(config)
         for part in ("vision", "language"):
             if not saved_by_reference(getattr(config, part)):
-                getattr(parts, part).model, getattr(parts, part).revision = str(directory / part), ""
+                read_from_folder(getattr(parts, part), str(directory / part))
         if (directory / CONNECTOR_DIR).is_dir():  # a transformers Q-Former: built from its saved config
             parts.connector.init = str(directory / CONNECTOR_DIR)
         model = build_vlm(parts)
@@ -266,9 +266,9 @@ def start_from(directory: str | Path, config: Config) -> VLM:
         if mode not in ("full", "frozen"):
             raise ConfigError(f"{part}.train={mode!r} with train.init_from is not supported; valid: full, frozen")
         if part in adapted:
-            section.model = ""  # its weights (base + adapter) exist in no folder: never saved by reference
+            read_from_folder(section, "")  # its weights (base + adapter) exist in no folder: never saved by reference
         elif (saved_at / part / "config.json").is_file():
-            section.model, section.revision = str(saved_at.resolve() / part), ""
+            read_from_folder(section, str(saved_at.resolve() / part))
         section.train = mode
         getattr(model, part).requires_grad_(mode == "full")
         setattr(merged, part, section)

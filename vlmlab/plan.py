@@ -124,11 +124,11 @@ OWN_OUTPUT_LAYER = {"google/flan-t5-small", "google/flan-t5-base", "google/flan-
                     "Salesforce/blip2-flan-t5-xl", "Salesforce/instructblip-flan-t5-xl"}
 
 
-def architecture(key: str, name: str, trust_remote_code: bool, revision: str = ""):
+def architecture(key: str, name: str, trust_remote_code: bool, revision: str = "", gguf_file: str = ""):
     """A checkpoint's transformers config: written out above for the presets' names, else read (path or hub)."""
     if name in KNOWN_ARCHITECTURES:
         return KNOWN_ARCHITECTURES[name]()
-    return pretrained_config(key, name, trust_remote_code, revision)
+    return pretrained_config(key, name, trust_remote_code, revision, gguf_file)
 
 
 def _vision_from_architecture(cfg) -> VisionTower:
@@ -141,7 +141,7 @@ def _vision_from_architecture(cfg) -> VisionTower:
 
 
 def _language_from_architecture(cfg) -> LanguageModel:
-    config = architecture("language.model", cfg.model, cfg.trust_remote_code, cfg.revision)
+    config = architecture("language.model", cfg.model, cfg.trust_remote_code, cfg.revision, cfg.gguf_file)
     if family_of(config) is not None:  # a whole BLIP-2 / InstructBLIP checkpoint: its LM
         config = config.text_config
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

@@ -38,22 +38,29 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def hub_commit(name: str, revision: str) -> str:
-    """The commit hub `revision` of `name` resolves to: the snapshot folder its config.json was taken from (the
-    hub cache keeps every file under `snapshots/<commit>/`), online or off."""
-    path = Path(cached_file(name, "config.json", revision=revision or None))
+def hub_commit(name: str, revision: str, file: str = "config.json") -> str:
+    """The commit hub `revision` of `name` resolves to: the snapshot folder its `file` (config.json, or the GGUF
+    file a GGUF-only repo ships) was taken from (the hub cache keeps every file under `snapshots/<commit>/`),
+    online or off."""
+    path = Path(cached_file(name, file, revision=revision or None))
     parts = path.parts
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else ""
 
 
-def resolve(name: str, revision: str = "") -> str:
-    """`commit:<hub commit>` of a hub name, `sha256:<hash>` of a local folder; "" for no name (built from scratch)."""
+def resolve_section(section) -> str:
+    """What a part's config section names resolves to now (`resolve`), by its GGUF file where it has one."""
+    return resolve(section.model, section.revision, getattr(section, "gguf_file", "") or "config.json")
+
+
+def resolve(name: str, revision: str = "", file: str = "config.json") -> str:
+    """`commit:<hub commit>` of a hub name (by the commit its `file` came from), `sha256:<hash>` of a local folder;
+    "" for no name (built from scratch)."""
     if not name:
         return ""
     if Path(name).expanduser().is_dir():
         return f"sha256:{folder_hash(Path(name).expanduser())}"
     try:
-        commit = hub_commit(name, revision)
+        commit = hub_commit(name, revision, file)
     except OSError:  # loaded moments ago: unreachable now only in odd setups; record that nothing is known
         return ""
     return f"commit:{commit}" if commit else ""
@@ -64,7 +71,7 @@ def record(config: Config) -> dict[str, str]:
     begins, after the parts are loaded (so a hub commit is the one just downloaded)."""
     for part in PARTS:
         section = getattr(config, part)
-        section.resolved = resolve(section.model, section.revision)
+        section.resolved = resolve_section(section)
     return {part: getattr(config, part).resolved for part in PARTS}
 
 
@@ -80,7 +87,7 @@ def check_reference(section, part: str, where: Path) -> str:
     that is unknown; "" and no check when the saved model recorded nothing, as models saved before this did not)."""
     if not section.resolved:
         return ""
-    now = resolve(section.model, section.revision)
+    now = resolve_section(section)
     if now and now != section.resolved:
         if section.resolved.startswith("commit:"):
             commit = section.resolved.removeprefix("commit:")
