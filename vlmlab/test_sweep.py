@@ -1,7 +1,10 @@
 """The sweep end to end on tiny runs: ordinary run folders, skipped when done, refused when changed, resumed
 when cut, a failure recorded while the others go on, dependency order, the shared feature cache, submitit."""
 
+import contextlib
+import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,14 +154,23 @@ def prepared_study(tmp_path, lm_words: list[str]) -> str:
     return study_file(tmp_path, axes, seeds="[0]", extra=extra)
 
 
-def test_a_prepared_part_is_made_once_before_the_runs_that_load_it(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def prepared_sweep(tmp_path_factory):
+    """The prepared study's plan, printed before anything ran, and the study swept once."""
+    tmp_path = tmp_path_factory.mktemp("prepared")
     study_path, out = prepared_study(tmp_path, LM), tmp_path / "out"
-    assert main(["sweep", study_path, "--out", str(out), "--plan"]) == 0
-    plan = capsys.readouterr().out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["sweep", study_path, "--out", str(out), "--plan"]) == 0
+    assert main(["sweep", study_path, "--out", str(out)]) == 0
+    return study_path, out, printed.getvalue()
+
+
+def test_a_prepared_part_is_made_once_before_the_runs_that_load_it(prepared_sweep, tmp_path, capsys):
+    study_path, out, plan = prepared_sweep
     assert "made first, once: lm (vlmlab pretrain-lm --family t5" in plan
     assert "2 runs wait for their prepared parts" in plan
     assert any(line.startswith("prepared/seed0") and "?" in line for line in plan.splitlines())
-    assert main(["sweep", study_path, "--out", str(out)]) == 0
     lm = out / "prepared" / "lm"
     assert json.loads((out / "prepared" / "lm.json").read_text())["status"] == "done"
     assert (lm / "config.json").is_file() and (lm / "recipe.json").is_file()
@@ -171,10 +183,11 @@ def test_a_prepared_part_is_made_once_before_the_runs_that_load_it(tmp_path, cap
     made = (lm / "config.json").stat().st_mtime_ns
     assert main(["sweep", study_path, "--out", str(out)]) == 0  # made once: nothing to do the second time
     assert (lm / "config.json").stat().st_mtime_ns == made
-    text = (tmp_path / "study.yaml").read_text()
-    (tmp_path / "study.yaml").write_text(text.replace('"--steps", "2"', '"--steps", "3"'))
-    assert main(["sweep", study_path, "--out", str(out)]) == 2  # another command for the same name: refused
+    changed = tmp_path / "study.yaml"  # the same study with another command for the same prepared name
+    changed.write_text(Path(study_path).read_text().replace('"--steps", "2"', '"--steps", "3"'))
+    assert main(["sweep", str(changed), "--out", str(out)]) == 2  # refused
     assert "prepared part lm was made by" in capsys.readouterr().err
+    assert (lm / "config.json").stat().st_mtime_ns == made
 
 
 def test_a_failed_prepared_part_fails_the_runs_that_load_it_and_no_other(tmp_path):
@@ -202,10 +215,9 @@ def test_plan_says_whether_one_seeds_gpu_runs_fit_a_colab_session(tmp_path):
     assert "about 13.0 h" in text and "more than a Colab session" in text and "resumes a cut one" in text
 
 
-def test_the_disk_estimate_counts_what_the_run_folders_hold(tmp_path):
+def test_the_disk_estimate_counts_what_the_run_folders_hold(prepared_sweep):
     # A part saved by reference (here the prepared LM with LoRA) keeps only its adapter in the run folder.
-    study_path, out = prepared_study(tmp_path, LM), tmp_path / "out"
-    assert main(["sweep", study_path, "--out", str(out)]) == 0
+    study_path, out, _ = prepared_sweep
     study = load_study(study_path)
     runs = plan_runs(study, out)
     estimated = {row["run"]: row["bytes"] for row in estimate(study, runs, out)}
