@@ -42,7 +42,7 @@ from peft import get_peft_model
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from transformers import (AutoModel, AutoModelForSeq2SeqLM, Blip2Config, Blip2ForConditionalGeneration,
-                          Blip2QFormerConfig, Blip2VisionConfig, CLIPVisionConfig, T5Config)
+                          Blip2QFormerConfig, Blip2VisionConfig)
 
 from vlmlab.config import Config, ConfigError, validate
 from vlmlab.costs import peak_memory_bytes, peak_memory_source
@@ -51,9 +51,9 @@ from vlmlab.data.synthetic import make_split
 from vlmlab.distributed import Processes
 from vlmlab.feature_cache import training_data
 from vlmlab.language import IGNORE_INDEX, TINY_FAMILIES as TINY_LMS, LanguageModel, build_language
-from vlmlab.loading import pretrained_config
 from vlmlab.model import assemble_vlm, resolve_device
 from vlmlab.parking import park_if_cached
+from vlmlab.plan import architecture
 from vlmlab.prompts import training_texts
 from vlmlab.registry import lookup
 from vlmlab.tokenizer import train_tokenizer
@@ -68,19 +68,6 @@ class BenchError(ValueError):
     """A side of the bench failed; the message names the side and the error."""
 
 NORMALISATION = [0.5, 0.5, 0.5]  # mean and std of both sides' pixels (random weights: any values do)
-# The published sizes of the recommended recipe's parts, so that the bench builds them offline; any other part is
-# sized by its config from the hub (or a local path).
-KNOWN_ARCHITECTURES = {
-    "openai/clip-vit-large-patch14": lambda: CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-        patch_size=14, hidden_act="quick_gelu"),
-    "google/flan-t5-base": lambda: T5Config(
-        vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0),
-}
-
-
 @dataclasses.dataclass
 class Parts:
     """What both sides build from: the preset, the two transformers configs, the data and its batches."""
@@ -102,13 +89,6 @@ class Parts:
     @property
     def questions_per_image(self) -> float:
         return self.samples / sum(len({self.examples[i].image_id for i in batch}) for batch in self.batches)
-
-
-def _architecture(section, key: str):
-    if section.model in KNOWN_ARCHITECTURES:
-        return KNOWN_ARCHITECTURES[section.model]()
-    return pretrained_config(key, section.model, section.trust_remote_code, section.revision,
-                             getattr(section, "gguf_file", ""))
 
 
 def _layout(steps: int, batch_size: int, per_image: float, seed: int, image_size: int) -> tuple[list, list]:
@@ -144,13 +124,13 @@ def plan(cfg: Config, steps: int, epochs: int, cpu_time: bool = False, questions
     if cfg.connector.kind != "qformer":
         raise ConfigError(f"BLIP-2's connector is a Q-Former: bench needs connector.kind=qformer, got "
                           f"{cfg.connector.kind!r}")
-    vision = (_architecture(cfg.vision, "vision.model") if cfg.vision.model
+    vision = (architecture(cfg.vision, "vision.model") if cfg.vision.model
               else lookup(TINY_TOWERS, cfg.vision.family, "tiny vision family")(cfg.vision).config)
     if not hasattr(vision, "patch_size"):
         raise ConfigError(f"BLIP-2's tower is a ViT: bench cannot mirror a {vision.model_type} tower")
     examples, batches = _layout(steps, cfg.train.batch_size, questions_per_image, cfg.data.seed, vision.image_size)
     tokenizer = train_tokenizer(training_texts(examples, cfg.data), cfg.language.vocab_size)
-    language = (_architecture(cfg.language, "language.model") if cfg.language.model
+    language = (architecture(cfg.language, "language.model") if cfg.language.model
                 else lookup(TINY_LMS, cfg.language.family, "tiny language family")(cfg.language, tokenizer).config)
     if not language.is_encoder_decoder:
         raise ConfigError(f"bench measures the encoder-decoder recipe (T5, Flan-T5); this preset's LM is "

@@ -47,7 +47,7 @@ from transformers import (
 )
 
 from vlmlab.blip2 import BY_CONNECTOR, family_of, qformer_connector
-from vlmlab.config import Config, ConfigError
+from vlmlab.config import Config, ConfigError, LanguageConfig, VisionConfig
 from vlmlab.feature_cache import cache_wanted
 from vlmlab.language import LanguageModel
 from vlmlab.loading import WEIGHT_DTYPES, pretrained_config
@@ -124,15 +124,17 @@ OWN_OUTPUT_LAYER = {"google/flan-t5-small", "google/flan-t5-base", "google/flan-
                     "Salesforce/blip2-flan-t5-xl", "Salesforce/instructblip-flan-t5-xl"}
 
 
-def architecture(key: str, name: str, trust_remote_code: bool, revision: str = "", gguf_file: str = ""):
-    """A checkpoint's transformers config: written out above for the presets' names, else read (path or hub)."""
-    if name in KNOWN_ARCHITECTURES:
-        return KNOWN_ARCHITECTURES[name]()
-    return pretrained_config(key, name, trust_remote_code, revision, gguf_file)
+def architecture(section: VisionConfig | LanguageConfig, key: str):
+    """The transformers config of the checkpoint a `vision` / `language` section names (`key`: its
+    `section.model`, for errors): written out above for the presets' names, else read (path or hub)."""
+    if section.model in KNOWN_ARCHITECTURES:
+        return KNOWN_ARCHITECTURES[section.model]()
+    return pretrained_config(key, section.model, section.trust_remote_code, section.revision,
+                             getattr(section, "gguf_file", ""))
 
 
 def _vision_from_architecture(cfg) -> VisionTower:
-    config = architecture("vision.model", cfg.model, cfg.trust_remote_code, cfg.revision)
+    config = architecture(cfg, "vision.model")
     config = getattr(config, "vision_config", config)  # a dual encoder (CLIP, SigLIP) or BLIP-2: its vision half
     model_class = VISION_HALF_OF.get(config.model_type)
     model = (model_class(config) if model_class else AutoModel.from_config(config)).to(WEIGHT_DTYPES[cfg.dtype])
@@ -141,7 +143,7 @@ def _vision_from_architecture(cfg) -> VisionTower:
 
 
 def _language_from_architecture(cfg) -> LanguageModel:
-    config = architecture("language.model", cfg.model, cfg.trust_remote_code, cfg.revision, cfg.gguf_file)
+    config = architecture(cfg, "language.model")
     if family_of(config) is not None:  # a whole BLIP-2 / InstructBLIP checkpoint: its LM
         config = config.text_config
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
