@@ -131,7 +131,7 @@ def pretrain_lm(cfg: Config, out: Path, steps: int, scenes: int) -> dict:
     world_cfg = cfg.data.world
     if world_cfg.generator == "v1":  # world v1 has no facts: its captions would teach the LM the wrong world
         world_cfg = replace(world_cfg, generator="scatter")
-        info("pretrain-lm: data.world.generator=v1 has no facts; the corpus is world v2's (scatter)")
+        info("pretrain-lm: corpus from world v2 (scatter), whose facts its knowledge questions ask")
     world_seed = cfg.data.seed + WORLD_SEED_OFFSET
     pairs = world.corpus(scenes, world_seed, world_cfg, cfg.data)
     facts, sentences = len(world.facts()), len(world.statements())
