@@ -139,6 +139,9 @@ class DataConfig:
     image_resize: str = "squash"  # squash | pad (keep the aspect ratio, grey borders) | crop (centre square)
     image_processor: str = ""  # a transformers image processor (hub name or path) that resizes instead
     image_split: bool = False  # Idefics2-style: 4 crops + the whole image, 5 views through the vision tower
+    # with image_split, the share of training images split; the rest show the connector their whole view only
+    # (Idefics2 split half). The same images every epoch: drawn per image from its id and data.seed
+    image_split_fraction: float = 1.0
     random_resize: float = 1.0  # training augmentation: shrink by a random factor in [this, 1]; 1: off
     world: WorldConfig = field(default_factory=WorldConfig)  # the synthetic world's knobs: data.world.FIELD=value
 
@@ -185,6 +188,7 @@ class EvalConfig:
     num_beams: int = 1
     shuffled_control: bool = True  # also score each example with another image of the set
     caption_metrics: bool = True  # BLEU/METEOR/ROUGE-L/CIDEr (needs Java)
+    image_split: bool = True  # a model that splits images: evaluate split (true) or on the whole view only (false)
 
 
 @dataclass
@@ -336,6 +340,7 @@ def validate(cfg: Config) -> Config:
     if cfg.language.gguf_file and not cfg.language.model:
         raise _refuse("language.gguf_file", cfg.language.gguf_file,
                       "it names a file in language.model's folder or hub repo, and language.model is not set")
+    _check_image_split(cfg)
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise _refuse("eval.min_new_tokens", cfg.eval.min_new_tokens,
                       f"it must not exceed eval.max_new_tokens={cfg.eval.max_new_tokens}")
@@ -347,6 +352,26 @@ def validate(cfg: Config) -> Config:
 
     check_world(cfg.data.world)
     return cfg
+
+
+# The connectors whose output length does not depend on how many views they read, so a view can be left out of
+# their cross-attention (connectors.QueryResampler): what splitting only some images, or none at evaluation, needs.
+MASKS_VIEWS = ("qformer", "perceiver")
+
+
+def _check_image_split(cfg: Config) -> None:
+    fraction = cfg.data.image_split_fraction
+    if not 0 <= fraction <= 1:
+        raise _refuse("data.image_split_fraction", fraction, "it must be in [0, 1] (1: every training image split)")
+    if fraction < 1 and not cfg.data.image_split:
+        raise _refuse("data.image_split_fraction", fraction, "it applies with data.image_split=true")
+    if cfg.data.image_split and cfg.connector.kind not in MASKS_VIEWS:
+        for key, value, default in (("data.image_split_fraction", fraction, 1.0),
+                                    ("eval.image_split", cfg.eval.image_split, True)):
+            if value != default:
+                raise _refuse(key, value, f"leaving an image's crops out needs connector.kind="
+                                          f"{' | '.join(MASKS_VIEWS)} (connector.kind={cfg.connector.kind!r} gives a "
+                                          f"token per feature or is transformers' own)")
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -49,18 +49,24 @@ class Attention(nn.Module):
         k, v = self.key_value(context).view(batch, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` bool `[B, N]`: the context positions each row may attend to (None: all)."""
         batch, length, dim = x.shape
         q, k, v = self._heads(x, context)
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        mask = key_mask[:, None, None, :] if key_mask is not None else None  # [B, 1, 1, N]: every head and query
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                  dropout_p=self.dropout if self.training else 0.0)
         return self.out(attended.transpose(1, 2).reshape(batch, length, dim))
 
     @torch.no_grad()
-    def weights(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The attention probabilities `forward(x, context)` uses, `[B, H, M, N]`, computed explicitly and apart
-        (SDPA never returns them), so reading them leaves `forward`'s numerics as they are (evidence.py)."""
+    def weights(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention probabilities `forward(x, context, key_mask)` uses, `[B, H, M, N]`, computed explicitly
+        and apart (SDPA never returns them), so reading them leaves `forward`'s numerics as they are (evidence.py)."""
         q, k, _ = self._heads(x, context)
-        return (q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        return scores.softmax(-1)
 
 
 def feed_forward(dim: int, dropout: float) -> nn.Sequential:
@@ -75,10 +81,10 @@ class QFormerLayer(nn.Module):
         self.cross_attention = Attention(dim, num_heads, dropout)
         self.ff = feed_forward(dim, dropout)
 
-    def forward(self, queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, features: torch.Tensor, key_mask: torch.Tensor | None = None):
         normed = self.self_norm(queries)
         queries = queries + self.self_attention(normed, normed)
-        queries = queries + self.cross_attention(self.cross_norm(queries), features)
+        queries = queries + self.cross_attention(self.cross_norm(queries), features, key_mask)
         return queries + self.ff(self.ff_norm(queries))
 
 
@@ -89,10 +95,12 @@ class PerceiverLayer(nn.Module):
         self.attention = Attention(dim, num_heads, dropout)
         self.ff = feed_forward(dim, dropout)
 
-    def forward(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, features: torch.Tensor, key_mask: torch.Tensor | None = None):
         normed = self.latent_norm(latents)
         # Latents attend to the image and to themselves in one softmax: [B, N + M, D] keys.
-        latents = latents + self.attention(normed, torch.cat([features, normed], dim=1))
+        if key_mask is not None:  # the latents are always there to attend to: [B, N + M]
+            key_mask = torch.cat([key_mask, key_mask.new_ones(latents.shape[:2])], dim=1)
+        latents = latents + self.attention(normed, torch.cat([features, normed], dim=1), key_mask)
         return latents + self.ff(self.ff_norm(latents))
 
 
@@ -105,7 +113,9 @@ class QueryResampler(nn.Module):
     """M learned queries refined by `layers` against the image features, then projected to the LM width.
 
     Each of the N feature positions gets a learned embedding, whatever the tower: attention alone is blind to
-    order (a ViT's features carry positions already; there it is a harmless extra).
+    order (a ViT's features carry positions already; there it is a harmless extra). With image splitting the N
+    features are V views' in a row; `views` bool `[B, V]` leaves the unread views out of every cross-attention, so
+    an image left whole gives M tokens from its whole view alone.
     """
 
     def __init__(self, layer_class, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_features: int):
@@ -118,11 +128,14 @@ class QueryResampler(nn.Module):
         self.out_norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, lm_dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
         features = self.feature_proj(features) + self.positions  # [B, N, D]
         queries = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)  # [B, M, D]
+        key_mask = None
+        if views is not None:  # [B, V] -> [B, N]: each view's N / V features share its flag
+            key_mask = views.to(features.device).repeat_interleave(features.shape[1] // views.shape[1], dim=1)
         for layer in self.layers:
-            queries = layer(queries, features)
+            queries = layer(queries, features, key_mask)
         return self.out_proj(self.out_norm(queries))  # [B, M, Dl]
 
 

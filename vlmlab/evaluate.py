@@ -17,6 +17,7 @@ from vlmlab.config import Config
 from vlmlab.data.batching import ExampleDataset
 from vlmlab.data.example import Example
 from vlmlab.faults import GenerationBatch, attempt
+from vlmlab.images import views_read
 from vlmlab.log import warn
 from vlmlab.metrics import (JavaNotFoundError, accuracy_by, caption_metrics, family_average, majority_floor_by_type,
                             vqa_accuracy)
@@ -88,6 +89,7 @@ def predict(model, dataset: ExampleDataset, examples: list[Example], cfg: Config
                     torch.stack(pixels),
                     prompts,
                     image_index=torch.tensor(image_index),
+                    views=views_read(list(slots), cfg.data, 1.0 if ev.image_split else 0.0),
                     max_new_tokens=ev.caption_max_new_tokens if is_caption else ev.max_new_tokens,
                     min_new_tokens=ev.min_new_tokens,
                     num_beams=ev.num_beams,
@@ -166,6 +168,7 @@ def evaluate(model, examples: list[Example], cfg: Config) -> tuple[dict, list[di
         "decoding": {"max_new_tokens": ev.max_new_tokens, "caption_max_new_tokens": ev.caption_max_new_tokens,
                      "min_new_tokens": ev.min_new_tokens, "num_beams": ev.num_beams, "do_sample": False},
         "notes": [CIDER_NOTE] if real["caption"] else [],
+        "image_split": cfg.data.image_split and ev.image_split,  # whether the images were split (eval.image_split)
     }
     records = [
         {"id": e.example_id, "image_id": e.image_id, "question": e.question, "type": e.question_type,

@@ -156,16 +156,17 @@ def split_batch(batch: dict, size: int) -> list[dict]:
     """Cuts a collated batch into batches of at most `size` consecutive examples, each carrying only its images.
 
     `pixels` `[U, 3, S, S]` (or cached `features` `[U, N, Dv]`) holds each distinct image once and `image_index`
-    `[B]` points into it; each piece gets the images its examples show, re-indexed. Other list fields (prompts,
-    targets, examples) are sliced.
+    `[B]` points into it; each piece gets the images its examples show (and their `image_keys`), re-indexed. Other
+    list fields (prompts, targets, examples) are sliced.
     """
     pieces = []
     per_image = "features" if "features" in batch else "pixels"
     for start in range(0, len(batch["prompts"]), size):
         chosen = slice(start, start + size)
         images, index = torch.unique(batch["image_index"][chosen], return_inverse=True)
-        pieces.append({**{key: value[chosen] for key, value in batch.items() if isinstance(value, list)},
-                       per_image: batch[per_image][images], "image_index": index})
+        per_example = {key: value[chosen] for key, value in batch.items() if isinstance(value, list)}
+        pieces.append({**per_example, per_image: batch[per_image][images], "image_index": index,
+                       "image_keys": [batch["image_keys"][image] for image in images.tolist()]})
     return pieces
 
 

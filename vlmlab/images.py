@@ -11,6 +11,7 @@ uint8: `[3, S, S]` per image, or `[5, 3, S, S]` with image splitting (4 crops + 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -229,6 +230,25 @@ class ImagePrep:
 def num_views(data: DataConfig) -> int:
     """Images the tower encodes per example: its features are concatenated along N, so the connector sees N x this."""
     return NUM_SPLIT_VIEWS if data.image_split else 1
+
+
+def views_read(image_keys: list[str], data: DataConfig, fraction: float) -> torch.Tensor | None:
+    """Which views of each image the connector reads, bool `[U, 5]` (None: all of them), for a model that splits
+    images: all 5 of an image drawn to be split, only the whole (the last view) of one left whole. An image is split
+    when a hash of (data.seed, its key) falls below `fraction`: the same images every epoch and in every process,
+    and the feature cache, which holds all 5 views of every image, stays valid whatever the fraction."""
+    if not data.image_split or fraction >= 1:
+        return None
+    split = [_unit_hash(f"{data.seed}:{key}") < fraction for key in image_keys]
+    views = torch.zeros(len(image_keys), NUM_SPLIT_VIEWS, dtype=torch.bool)
+    views[:, -1] = True
+    views[torch.tensor(split, dtype=torch.bool)] = True
+    return views
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) fixed by `text` (not Python's `hash`, which differs per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
 
 
 def random_resize(pixels: torch.Tensor, min_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:

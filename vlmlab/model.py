@@ -65,11 +65,13 @@ class VLM(nn.Module):
 
     # -- core --------------------------------------------------------------------------------------------------
     def visual_tokens(self, pixels: torch.Tensor | None, features: torch.Tensor | None = None,
-                      image_index: torch.Tensor | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+                      image_index: torch.Tensor | None = None, prompts: list[str] | None = None,
+                      views: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 pixels `[U, 3, S, S]` -> visual tokens `[U, M, Dl]`; or the tower's `features` `[U, N, Dv]`
         computed before (a frozen tower's, from the feature cache), which skips the tower. `image_index` `[B]`
         picks each example's image: `[B, M, Dl]`. A connector that reads the prompt too (InstructBLIP's Q-Former)
-        runs once per example, on `prompts`, after the pick; any other once per image, before it."""
+        runs once per example, on `prompts`, after the pick; any other once per image, before it. `views` bool
+        `[U, 5]` (image splitting, `images.views_read`): the views of each image the connector reads."""
         if features is None:
             features = self.vision(pixels.to(self.device, non_blocking=True))
         # cached features are stored in fp16, a half-precision tower (vision.dtype) gives its own: the connector
@@ -79,26 +81,27 @@ class VLM(nn.Module):
             if image_index is not None:
                 features = features[image_index.to(features.device)]  # [B, N, Dv]
             return self.connector(features, prompts)
-        visual = self.connector(features)
+        visual = self.connector(features) if views is None else self.connector(features, views)
         return visual if image_index is None else visual[image_index.to(visual.device)]
 
     def forward(self, pixels: torch.Tensor | None, prompts: list[str], targets: list[str],
-                image_index: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+                image_index: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                views: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss of a batch: mean cross-entropy over the answer tokens.
 
         `pixels` `[U, 3, S, S]` (or cached `features` `[U, N, Dv]`, pixels None) holds each distinct image once;
-        `image_index` `[B]` picks each example's image (None: one image per example).
+        `image_index` `[B]` picks each example's image (None: one image per example); `views` as in `visual_tokens`.
         """
-        visual = self.visual_tokens(pixels, features, image_index, prompts)  # [B, M, Dl]
+        visual = self.visual_tokens(pixels, features, image_index, prompts, views)  # [B, M, Dl]
         lm = self.language
         return lm.loss(visual, lm.encode_prompts(prompts), lm.encode_targets(targets))
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int,
-                 image_index: torch.Tensor | None = None, **options) -> list[str]:
-        """Text for each prompt; `pixels` and `image_index` as in `forward`. `options` go to
+                 image_index: torch.Tensor | None = None, views: torch.Tensor | None = None, **options) -> list[str]:
+        """Text for each prompt; `pixels`, `image_index` and `views` as in `forward`. `options` go to
         `LanguageModel.generate` (min_new_tokens, num_beams, streamer=a transformers streamer for one prompt)."""
-        visual = self.visual_tokens(pixels, None, image_index, prompts)
+        visual = self.visual_tokens(pixels, None, image_index, prompts, views)
         lm = self.language
         return lm.generate(visual, lm.encode_prompts(prompts), max_new_tokens, **options)
 

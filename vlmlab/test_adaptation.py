@@ -31,6 +31,37 @@ def test_image_splitting_feeds_five_views_per_image():
     assert isinstance(model.eval().caption(examples[0].image), str)
 
 
+FAST = ["data.train_images=4", "data.eval_images=2", "train.batch_size=4", "train.max_steps=1", "train.eval_every=0",
+        "train.warmup_steps=1", "eval.caption_metrics=false", "eval.shuffled_control=false"]
+
+
+def test_images_left_whole_train_nothing_that_only_crops_reach(tmp_path, monkeypatch):
+    # The Q-Former's learned positions start at zero: a crop's rows get a gradient only from split images.
+    split = [*SMALL, *FAST, "data.image_split=true", "vision.image_size=32", "train.max_steps=2",
+             "train.alarm_every=0"]
+    crop_rows = 4 * build_vlm(apply_overrides(get_preset("tiny-qformer"), split),
+                              ["a b"]).vision.feature_layout()[0]  # positions [5 x N per view, D], crops first
+    seen_views = []
+    real_generate = VLM.generate
+
+    def generate(self, pixels, prompts, max_new_tokens, image_index=None, views=None, **options):
+        seen_views.append(views)
+        return real_generate(self, pixels, prompts, max_new_tokens, image_index, views, **options)
+
+    monkeypatch.setattr(VLM, "generate", generate)
+    for fraction in ("0.0", "1.0"):
+        train(apply_overrides(get_preset("tiny-qformer"), [*split, f"data.image_split_fraction={fraction}",
+                                                           f"eval.image_split={fraction == '1.0'}"]),
+              tmp_path / fraction)
+    whole_only, every_view = (VLM.load(tmp_path / f, device="cpu").connector.positions for f in ("0.0", "1.0"))
+    assert torch.count_nonzero(whole_only[:crop_rows]) == 0 and torch.count_nonzero(whole_only[crop_rows:]) > 0
+    assert torch.count_nonzero(every_view[:crop_rows]) > 0
+    # evaluation follows eval.image_split: the run at fraction 0 was evaluated on whole views, the other split
+    assert seen_views and not seen_views[0][:, :4].any() and seen_views[0][:, 4].all() and seen_views[-1] is None
+    assert [json.loads((tmp_path / f / "metrics.json").read_text())["image_split"] for f in ("0.0", "1.0")] == [
+        False, True]
+
+
 def test_a_caption_model_starts_a_vqa_run(tmp_path):
     caption_data = DataConfig(questions_per_image=0, train_images=6)
     torch.manual_seed(0)
@@ -48,9 +79,7 @@ def test_a_caption_model_starts_a_vqa_run(tmp_path):
     for name, value in captioner.state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name
 
-    fast = ["data.train_images=4", "data.eval_images=2", "train.batch_size=4", "train.max_steps=1",
-            "train.eval_every=0", "train.warmup_steps=1", "eval.caption_metrics=false", "eval.shuffled_control=false"]
-    metrics = train(apply_overrides(vqa, fast), tmp_path / "run")
+    metrics = train(apply_overrides(vqa, FAST), tmp_path / "run")
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["connector"]["num_queries"] == 6 and saved["train"]["init_from"] == str(tmp_path / "captioner")
     assert saved["vision"]["model"] == str((tmp_path / "captioner" / "vision").resolve())  # where its weights began

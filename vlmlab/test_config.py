@@ -32,6 +32,25 @@ def test_bad_values_name_the_key_and_type(item):
         apply_overrides(Config(), [item])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data.image_split=true", "data.image_split_fraction=1.5"], r"must be in \[0, 1\]"),
+    (["data.image_split_fraction=0.5"], "applies with data.image_split=true"),
+    (["connector.kind=mlp", "data.image_split=true", "data.image_split_fraction=0.5"], "needs connector.kind=qformer"),
+    (["connector.kind=linear", "data.image_split=true", "eval.image_split=false"], "eval.image_split=False"),
+])
+def test_splitting_some_images_is_checked_before_any_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Config(), overrides)
+
+
+def test_splitting_some_images_or_none_at_evaluation_is_a_resamplers_option():
+    for kind in ("qformer", "perceiver"):
+        cfg = apply_overrides(Config(), [f"connector.kind={kind}", "data.image_split=true",
+                                         "data.image_split_fraction=0.5", "eval.image_split=false"])
+        assert cfg.data.image_split_fraction == 0.5 and cfg.eval.image_split is False
+    assert apply_overrides(Config(), ["connector.kind=mlp", "eval.image_split=false"])  # no split model: a no-op
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="section.field=value"):
         apply_overrides(Config(), ["train.max_steps"])

@@ -25,6 +25,29 @@ def test_contract_b_n_dv_to_b_m_dl(kind):
     assert not torch.allclose(other[1], tokens[1], atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["qformer", "perceiver"])
+def test_views_left_out_change_nothing_and_the_read_ones_do(kind):
+    # 3 views of 4 features each: [B=2, N=12, Dv]; image 0 reads its last view only, image 1 every view
+    connector = build_connector(ConnectorConfig(kind=kind, num_queries=5, hidden_size=32, num_heads=4), 8, 16, 12)
+    views = torch.tensor([[False, False, True], [True, True, True]])
+    features = torch.randn(2, 12, 8)
+    tokens = connector(features, views)
+    crops_changed = features.clone()
+    crops_changed[:, :8] += torch.randn(2, 8, 8)
+    other = connector(crops_changed, views)
+    assert torch.allclose(other[0], tokens[0], atol=1e-5)  # its crops are out of every cross-attention
+    assert not torch.allclose(other[1], tokens[1], atol=1e-3)  # read: they count
+    whole_changed = features.clone()
+    whole_changed[0, 8:] += 1.0
+    assert not torch.allclose(connector(whole_changed, views)[0], tokens[0], atol=1e-3)
+    assert torch.allclose(connector(features)[1], tokens[1], atol=1e-5)  # reading every view: no mask at all
+    attention = connector.layers[0].cross_attention if kind == "qformer" else connector.layers[0].attention
+    keys = torch.randn(2, 12, 32)
+    read = views.repeat_interleave(4, dim=1)  # [B, N]: each view's 4 features
+    weights = attention.weights(torch.randn(2, 5, 32), keys, read)  # what evidence.py reads: the same mask
+    assert torch.all(weights[0, :, :, :8] == 0) and torch.allclose(weights.sum(-1), torch.ones(2, 4, 5))
+
+
 def test_queries_receive_gradient_from_the_features():
     connector = build_connector(ConnectorConfig(num_queries=4, hidden_size=32, num_heads=4), 16, 16, 9)
     features = torch.randn(2, 9, 16, requires_grad=True)

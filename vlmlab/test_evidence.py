@@ -121,8 +121,8 @@ def test_planted_query_attention_peaks_at_its_patch(qformer, examples, monkeypat
     attention = qformer.connector.layers[0].cross_attention
     real = attention.weights
 
-    def weights(x, context):  # query 0 reads patch (2, 6), i.e. feature 1 + 2 * 8 + 6 after the CLS token
-        w = torch.zeros_like(real(x, context))
+    def weights(x, context, key_mask=None):  # query 0 reads patch (2, 6), i.e. feature 1 + 2 * 8 + 6 after CLS
+        w = torch.zeros_like(real(x, context, key_mask))
         w[:, :, 0, 1 + 2 * 8 + 6] = 1.0
         w[:, :, 1:, 0] = 1.0  # the other queries read only CLS, which the LM ignores here
         return w

@@ -45,9 +45,10 @@ def _inject(monkeypatch, fault):
     """Wraps the model's forward pass: `fault(call, batch_size, loss)` may raise or return a changed loss."""
     real_forward, calls = VLM.forward, []
 
-    def forward(self, pixels, prompts, targets, image_index=None, features=None):
+    def forward(self, pixels, prompts, targets, image_index=None, features=None, views=None):
         calls.append(len(prompts))
-        return fault(len(calls), len(prompts), real_forward(self, pixels, prompts, targets, image_index, features))
+        loss = real_forward(self, pixels, prompts, targets, image_index, features, views)
+        return fault(len(calls), len(prompts), loss)
 
     monkeypatch.setattr(VLM, "forward", forward)
     return calls
@@ -77,6 +78,7 @@ def test_split_batch_keeps_every_example_with_its_own_image(batch_and_model):
         for i in range(len(piece["prompts"])):
             assert torch.equal(piece["pixels"][piece["image_index"][i]],
                                batch["pixels"][batch["image_index"][start + i]])
+            assert piece["image_keys"][piece["image_index"][i]] == piece["examples"][i].image_id
 
 
 def test_pieces_of_a_cut_micro_batch_give_the_uncut_gradient(batch_and_model):

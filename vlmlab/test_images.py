@@ -11,7 +11,7 @@ from vlmlab import images
 from vlmlab.config import ConfigError, DataConfig
 from vlmlab.data.batching import ExampleDataset, collate
 from vlmlab.data.example import Example
-from vlmlab.images import GREY, ImageError, ImagePrep, load_image, quadrants, random_resize, to_pixels
+from vlmlab.images import GREY, ImageError, ImagePrep, load_image, quadrants, random_resize, to_pixels, views_read
 
 
 # ------------------------------------------------------------------ every image Pillow opens
@@ -177,6 +177,21 @@ def test_image_splitting_gives_four_crops_and_the_whole():
     views = ImagePrep.from_config(DataConfig(image_split=True), 8)(image)
     assert views.shape == (5, 3, 8, 8) and views.dtype == torch.uint8
     assert views[1, :, 4, 4].tolist() == [0, 255, 0] and torch.equal(views[4], to_pixels(image, 8))
+
+
+def test_views_read_splits_the_asked_share_of_images_the_same_way_each_time():
+    keys = [f"image-{i}" for i in range(2000)]
+    data = DataConfig(image_split=True, seed=3)
+    views = views_read(keys, data, 0.5)
+    assert views.shape == (2000, 5) and views[:, 4].all()  # the whole view is always read
+    split = views[:, 0]
+    assert (views[:, :4] == split[:, None]).all()  # an image's crops are read together or not at all
+    assert 0.46 < split.float().mean() < 0.54
+    assert torch.equal(views_read(keys, data, 0.5), views)  # a function of the key and data.seed alone
+    assert not torch.equal(views_read(keys, DataConfig(image_split=True, seed=4), 0.5), views)
+    assert torch.equal(views_read(keys[100:], data, 0.5), views[100:])  # whatever else is in the batch
+    assert not views_read(keys, data, 0.0)[:, :4].any()
+    assert views_read(keys, data, 1.0) is None and views_read(keys, DataConfig(), 0.0) is None  # nothing to leave out
 
 
 def test_the_towers_own_processor_can_resize(tmp_path):

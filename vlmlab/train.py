@@ -31,6 +31,7 @@ from vlmlab.diagnose import ConditioningAlarm
 from vlmlab.distributed import end_processes, start_processes
 from vlmlab.evaluate import evaluate, summary_lines
 from vlmlab.feature_cache import cache_root, training_data
+from vlmlab.images import views_read
 from vlmlab.faults import (FaultGuard, TrainingFault, fresh_partial, recover_directory, replace_directory,
                            truncate_log, write_text_atomically)
 from vlmlab.log import info, warn
@@ -247,8 +248,9 @@ def _train(cfg: Config | None, out_dir: str | Path, resume: bool, trackers: Trac
     def backward(batch: dict, share: float) -> float:
         """Forward and backward of a micro-batch, or of a piece of one holding `share` of its loss."""
         with autocast:
+            views = views_read(batch["image_keys"], cfg.data, cfg.data.image_split_fraction)  # None: every view
             loss = forward(batch.get("pixels"), batch["prompts"], batch["targets"], batch["image_index"],
-                           features=batch.get("features")) * share * batch["loss_weight"][0]
+                           features=batch.get("features"), views=views) * share * batch["loss_weight"][0]
             loss = loss / tc.grad_accum
         scaler.scale(loss).backward()
         return loss.item()

@@ -62,7 +62,8 @@ def collate(items: list) -> dict | None:
     """Stacks the usable items of a batch; None when none is usable (the caller skips the batch).
 
     Each distinct image is stacked once: `pixels` is `[U, 3, S, S]` and `image_index` `[B]` says which of them
-    each example shows, so the vision tower and connector run once per image, not once per question.
+    each example shows, so the vision tower and connector run once per image, not once per question;
+    `image_keys` names the U images (what `images.views_read` draws from).
     """
     items = [item for item in items if item is not None]
     if not items:
@@ -78,6 +79,7 @@ def collate(items: list) -> dict | None:
     return {
         "pixels": torch.stack(pixels),
         "image_index": torch.tensor(image_index),
+        "image_keys": list(slots),
         "prompts": [item[1] for item in items],
         "targets": [item[2] for item in items],
         "examples": [item[3] for item in items],
