@@ -101,7 +101,7 @@ def _blip2(config_class, text: T5Config, **qformer):
     return config_class(text_config=text.to_dict(), qformer_config=qformer, num_query_tokens=32)
 
 
-# The architectures of the presets' hub checkpoints, so that planning needs no download.
+# The architectures of the presets' hub checkpoints, so that planning and the bench need no download.
 KNOWN_ARCHITECTURES = {
     "openai/clip-vit-large-patch14": lambda: _vit(CLIPVisionConfig, 1024, 24, 16, 224, 14),
     "openai/clip-vit-base-patch32": lambda: _vit(CLIPVisionConfig, 768, 12, 12, 224, 32),
